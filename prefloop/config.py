@@ -1,0 +1,232 @@
+"""One typed settings object: defaults < TOML file < PREFLOOP_* environment < CLI flags.
+
+Every setting has an environment variable named ``PREFLOOP_`` + its name in upper case
+(``data_dir`` -> ``PREFLOOP_DATA_DIR``) and a CLI flag (``--data-dir``). Unknown keys and bad
+values raise :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "PREFLOOP_"
+DEFAULT_CONFIG_FILE = "prefloop.toml"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value outside what is allowed."""
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "prefloop"
+
+
+def _setting(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+             choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything prefloop can be told. Field metadata carries help text and bounds."""
+
+    model: str = _setting("embedded", "Model SPEC: 'embedded', a Hugging Face id, or a local folder.")
+    data_dir: Path = _setting(None, "Folder for the database, model files, adapters and logs.",
+                              factory=_default_data_dir)
+    host: str = _setting("127.0.0.1", "Address the page and API listen on (loopback by default).")
+    port: int = _setting(7860, "Port of the page and API.", lo=1, hi=65535)
+    vllm_url: str | None = _setting(None, "Use this running OpenAI-compatible vLLM server "
+                                          "instead of starting one (e.g. http://127.0.0.1:8000).")
+    vllm_api_key: str | None = _setting(None, "API key for --vllm-url.")
+    vllm_port: int = _setting(0, "Loopback port for the vLLM server prefloop starts (0: any free).",
+                              lo=0, hi=65535)
+    vllm_memory_fraction: float = _setting(0.3, "Fraction of (GPU or, on CPU, host) memory vLLM "
+                                                "may reserve.", lo=0.01, hi=0.99)
+    vllm_start_timeout: float = _setting(600.0, "Seconds to wait for vLLM to become healthy.",
+                                         lo=1, hi=7200)
+    max_model_len: int = _setting(2048, "Context window in tokens (prompt + answer).",
+                                  lo=128, hi=1_048_576)
+    lora_max_rank: int = _setting(16, "Largest LoRA rank vLLM accepts.", lo=1, hi=512)
+    lora_slots: int = _setting(4, "Adapters vLLM keeps loaded at once.", lo=1, hi=64)
+    temperature: float = _setting(0.8, "Sampling temperature.", lo=0.0, hi=2.0)
+    top_p: float = _setting(0.95, "Nucleus sampling threshold.", lo=0.01, hi=1.0)
+    max_tokens: int = _setting(256, "Most tokens in one answer.", lo=1, hi=32768)
+    system_prompt: str = _setting("", "System prompt put before every conversation ('' for none).")
+    max_message_chars: int = _setting(4000, "Most characters in one user message.",
+                                      lo=1, hi=1_000_000)
+    max_answer_chars: int = _setting(8000, "Most characters in a written better answer.",
+                                     lo=1, hi=1_000_000)
+    max_turns: int = _setting(50, "Most user turns in one conversation.", lo=1, hi=10_000)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name), f.name)
+        if self.max_tokens >= self.max_model_len:
+            raise ConfigError(f"max_tokens ({self.max_tokens}) must be smaller than "
+                              f"max_model_len ({self.max_model_len})")
+        if self.lora_max_rank not in LORA_RANKS:
+            raise ConfigError(f"lora_max_rank: must be one of {', '.join(map(str, LORA_RANKS))} "
+                              f"(vLLM's allowed ranks), got {self.lora_max_rank}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "prefloop.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def setting_fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(Settings)
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """The field's Python type and whether it may be None."""
+    annotation = str(f.type)
+    optional = "None" in annotation
+    name = annotation.replace("| None", "").strip()
+    return {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}[name], optional
+
+
+def _describe(f: dataclasses.Field) -> str:
+    typ, optional = _base_type(f)
+    meta = f.metadata
+    if meta["choices"]:
+        text = "one of " + ", ".join(meta["choices"])
+    elif typ in (int, float) and meta["lo"] is not None:
+        kind = "an integer" if typ is int else "a number"
+        text = f"{kind} from {meta['lo']:g} to {meta['hi']:g}"
+    else:
+        text = {str: "a string", Path: "a folder path", bool: "true or false"}.get(typ, typ.__name__)
+    return text + (" (or empty for none)" if optional else "")
+
+
+def _check_value(f: dataclasses.Field, value: Any, where: str) -> None:
+    typ, optional = _base_type(f)
+    if value is None and optional:
+        return
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if ok and typ in (int, float):
+        lo, hi = f.metadata["lo"], f.metadata["hi"]
+        ok = math.isfinite(value) and (lo is None or lo <= value <= hi)
+    if ok and f.metadata["choices"]:
+        ok = value in f.metadata["choices"]
+    if not ok:
+        raise ConfigError(f"{where}: expected {_describe(f)}, got {value!r}")
+
+
+def _parse_text(f: dataclasses.Field, text: str, where: str) -> Any:
+    """Turn an environment or CLI string into the field's type."""
+    typ, optional = _base_type(f)
+    if optional and text == "":
+        return None
+    try:
+        if typ is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        if typ is Path:
+            return Path(text).expanduser()
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected {_describe(f)}, got {text!r}") from None
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Check a value from a TOML file or Python, converting only where lossless."""
+    typ, _ = _base_type(f)
+    if typ is Path and isinstance(value, str):
+        value = Path(value).expanduser()
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    _check_value(f, value, where)
+    return value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file: a flat table, optionally under ``[prefloop]``."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if set(data) == {"prefloop"} and isinstance(data["prefloop"], dict):
+        data = data["prefloop"]
+    return data
+
+
+def load_settings(config_file: Path | None = None, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Merge defaults, the TOML file, the environment and explicit overrides (CLI flags).
+
+    Without ``config_file``, ``./prefloop.toml`` is read when it exists. ``overrides`` values
+    that are None are ignored (a CLI flag that was not given).
+    """
+    env = os.environ if env is None else env
+    fields = {f.name: f for f in setting_fields()}
+    values: dict[str, Any] = {}
+
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(env[ENV_PREFIX + "CONFIG"])
+    if config_file is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        config_file = Path(DEFAULT_CONFIG_FILE)
+    if config_file is not None:
+        for key, value in read_toml(Path(config_file)).items():
+            if key not in fields:
+                raise ConfigError(f"{config_file}: unknown setting {key!r}; known settings: "
+                                  + ", ".join(fields))
+            values[key] = _coerce(fields[key], value, f"{config_file}: {key}")
+
+    known_env = {env_name(name) for name in fields} | {ENV_PREFIX + "CONFIG",
+                                                       ENV_PREFIX + "ADMIN_PASSWORD"}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        if var not in known_env:
+            raise ConfigError(f"unknown environment variable {var}; known: "
+                              + ", ".join(sorted(known_env)))
+        name = var[len(ENV_PREFIX):].lower()
+        if name in fields:
+            values[name] = _parse_text(fields[name], text, var)
+
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is None:
+            continue
+        where = "--" + key.replace("_", "-")
+        value = _parse_text(fields[key], value, where) if isinstance(value, str) \
+            else _coerce(fields[key], value, where)
+        values[key] = value
+
+    return Settings(**values)

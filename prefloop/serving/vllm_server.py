@@ -1,0 +1,262 @@
+"""Start, watch, restart and stop vLLM's OpenAI-compatible server as a subprocess.
+
+vLLM runs in its own process group on loopback with a random API key: its runtime
+adapter-loading endpoints load files from any path, so nothing outside this machine may
+reach it. The child is told to die with us (``PR_SET_PDEATHSIG``), so even a ``prefloop
+serve`` killed with SIGKILL leaves no vLLM behind; a pid file lets the next start clean up
+anything that escaped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+BASE_NAME = "base"
+"""The name vLLM serves the base model under (the policy ``base``)."""
+
+
+class VLLMError(RuntimeError):
+    """vLLM could not be started or answered wrongly; carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an OpenAI-compatible server answers, and its key."""
+
+    url: str  # e.g. http://127.0.0.1:8000 (no /v1)
+    api_key: str
+
+    @property
+    def v1(self) -> str:
+        return self.url.rstrip("/") + "/v1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent thread exits."""
+    os.setsid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def kill_group(pgid: int, timeout: float = 20.0) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left after ``timeout``."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class VLLMServer:
+    """A supervised vLLM OpenAI server serving ``model_path`` as ``base``, LoRA enabled.
+
+    ``start()`` blocks until vLLM answers ``/health`` or raises :class:`VLLMError` with the
+    tail of its log. A watcher thread restarts vLLM if it dies and then calls the
+    ``on_restart`` callbacks (e.g. to load adapters again).
+    """
+
+    def __init__(self, model_path: Path, run_dir: Path, *, port: int = 0,
+                 memory_fraction: float = 0.3, max_model_len: int = 2048,
+                 lora_max_rank: int = 16, lora_slots: int = 4, start_timeout: float = 600.0,
+                 extra_args: list[str] | None = None) -> None:
+        self.model_path = Path(model_path)
+        self.run_dir = Path(run_dir)
+        self.port = port
+        self.memory_fraction = memory_fraction
+        self.max_model_len = max_model_len
+        self.lora_max_rank = lora_max_rank
+        self.lora_slots = lora_slots
+        self.start_timeout = start_timeout
+        self.extra_args = list(extra_args or [])
+        self.api_key = secrets.token_urlsafe(24)
+        self.restarts = 0
+        self.on_restart: list[Callable[[], None]] = []
+        self._proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.log_path = self.run_dir / "vllm.log"
+        self.pid_path = self.run_dir / "vllm.pid"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(f"http://127.0.0.1:{self.port}", self.api_key)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_path), "--served-model-name", BASE_NAME,
+            "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
+            "--max-model-len", str(self.max_model_len),
+            "--gpu-memory-utilization", str(self.memory_fraction),
+            "--enable-lora", "--max-lora-rank", str(self.lora_max_rank),
+            "--max-loras", str(self.lora_slots),
+            "--generation-config", "vllm",  # our sampling settings, not the model's defaults
+            "--disable-uvicorn-access-log", *self.extra_args,
+        ]
+
+    def start(self) -> Endpoint:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._reap_stale()
+        if self.port == 0:
+            self.port = free_port()
+        self._launch()
+        self._watcher = threading.Thread(target=self._watch, name="vllm-watcher", daemon=True)
+        self._watcher.start()
+        return self.endpoint
+
+    def _reap_stale(self) -> None:
+        """Kill a vLLM left running by an earlier prefloop on this data dir."""
+        try:
+            pgid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+        except OSError:
+            cmdline = b""
+        if b"vllm" in cmdline:
+            log.warning("stopping a vLLM (pid %d) left by an earlier run", pgid)
+            kill_group(pgid)
+        self.pid_path.unlink(missing_ok=True)
+
+    def _launch(self) -> None:
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+                   HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+                   VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        with self._lock:
+            logfile = open(self.log_path, "ab")
+            logfile.write(f"\n=== prefloop: starting vLLM at {time.ctime()} ===\n".encode())
+            logfile.flush()
+            self._proc = subprocess.Popen(
+                self.command(), stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            logfile.close()
+            self.pid_path.write_text(f"{self._proc.pid}\n")
+        self._wait_healthy(self._proc)
+
+    def _wait_healthy(self, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        url = self.endpoint.url + "/health"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise VLLMError(f"vLLM exited with code {proc.returncode} while starting; "
+                                f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        kill_group(proc.pid)
+        raise VLLMError(f"vLLM did not become healthy within {self.start_timeout:.0f} s; "
+                        f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+
+    def _watch(self) -> None:
+        """Restart vLLM when it dies, with a growing pause between failed tries."""
+        pause = 1.0
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                self._stopping.wait(0.5)
+                continue
+            if self._stopping.is_set():
+                return
+            log.error("vLLM exited with code %s; restarting. Last lines:\n%s",
+                      proc.returncode, tail(self.log_path, 15))
+            kill_group(proc.pid, timeout=5)  # its engine processes, if any survived
+            try:
+                self._launch()
+            except VLLMError as exc:
+                log.error("vLLM restart failed: %s", exc)
+                self._stopping.wait(pause)
+                pause = min(pause * 2, 60.0)
+                continue
+            pause = 1.0
+            self.restarts += 1
+            for callback in list(self.on_restart):
+                try:
+                    callback()
+                except Exception:  # a callback must not stop the watcher
+                    log.exception("callback after vLLM restart failed")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.endpoint.url + "/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """Stop vLLM and its children; safe to call twice."""
+        self._stopping.set()
+        with self._lock:
+            proc = self._proc
+            if proc is not None:
+                kill_group(proc.pid)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self.pid_path.unlink(missing_ok=True)
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

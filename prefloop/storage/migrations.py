@@ -1,0 +1,48 @@
+"""Schema of the prefloop database as named migrations, applied in order, each in a transaction.
+
+Never rename or edit a migration that has shipped: add a new one.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("prefloop")
+
+
+@migrations()
+def m001_conversations_pairs_votes(db: Database) -> None:
+    db["conversations"].create(
+        {"id": str, "client_id": str, "created_at": str, "updated_at": str},
+        pk="id",
+    )
+    # The accepted path of a conversation: user messages and the answers that joined it.
+    db["messages"].create(
+        {"id": int, "conversation_id": str, "position": int, "role": str, "content": str,
+         "pair_id": str, "created_at": str},
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+    )
+    db["messages"].create_index(["conversation_id", "position"], unique=True)
+    db["pairs"].create(
+        {"id": str, "conversation_id": str, "turn": int, "kind": str,
+         "context": str,            # JSON list of chat messages the answers reply to
+         "dropped_messages": int,   # oldest messages cut to fit the context window
+         "policy_a": str, "policy_b": str, "text_a": str, "text_b": str,
+         "finish_a": str, "finish_b": str, "tokens_a": int, "tokens_b": int,
+         "seed_a": int, "seed_b": int, "sampling": str,  # JSON: temperature, top_p, max_tokens
+         "first_token_ms": float, "total_ms": float, "created_at": str},
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+        not_null={"conversation_id", "context", "policy_a", "policy_b", "text_a", "text_b"},
+    )
+    db["pairs"].create_index(["conversation_id", "turn"], unique=True)
+    # One vote per pair: the primary key makes a second vote fail inside the database.
+    db["votes"].create(
+        {"pair_id": str, "choice": str, "answer": str, "client_id": str, "created_at": str},
+        pk="pair_id",
+        foreign_keys=[("pair_id", "pairs", "id")],
+        not_null={"choice"},
+    )
+    db["votes"].create_index(["created_at"])
