@@ -11,9 +11,10 @@ import dataclasses
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "PREFLOOP_"
 DEFAULT_CONFIG_FILE = "prefloop.toml"
@@ -40,7 +41,8 @@ def _setting(default: Any, help: str, *, lo: float | None = None, hi: float | No
 class Settings:
     """Everything prefloop can be told. Field metadata carries help text and bounds."""
 
-    model: str = _setting("embedded", "Model SPEC: 'embedded', a Hugging Face id, or a local folder.")
+    model: str = _setting("embedded",
+                          "Model SPEC: 'embedded', a Hugging Face id, or a local folder.")
     data_dir: Path = _setting(None, "Folder for the database, model files, adapters and logs.",
                               factory=_default_data_dir)
     host: str = _setting("127.0.0.1", "Address the page and API listen on (loopback by default).")
@@ -123,7 +125,8 @@ def _describe(f: dataclasses.Field) -> str:
         kind = "an integer" if typ is int else "a number"
         text = f"{kind} from {meta['lo']:g} to {meta['hi']:g}"
     else:
-        text = {str: "a string", Path: "a folder path", bool: "true or false"}.get(typ, typ.__name__)
+        names = {str: "a string", Path: "a folder path", bool: "true or false"}
+        text = names.get(typ, typ.__name__)
     return text + (" (or empty for none)" if optional else "")
 
 
@@ -153,18 +156,26 @@ def _parse_text(f: dataclasses.Field, text: str, where: str) -> Any:
             lowered = text.strip().lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(text)
-            return lowered in ("1", "true", "yes", "on")
-        if typ is Path:
-            return Path(text).expanduser()
-        return typ(text)
+            value: Any = lowered in ("1", "true", "yes", "on")
+        elif typ is Path:
+            if not text.strip():  # Path("") is the current folder: never what was meant
+                raise ValueError(text)
+            value = Path(text).expanduser()
+        else:
+            value = typ(text)
     except ValueError:
         raise ConfigError(f"{where}: expected {_describe(f)}, got {text!r}") from None
+    # Check bounds here too, so the error names the variable or flag that was given.
+    _check_value(f, value, where)
+    return value
 
 
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     """Check a value from a TOML file or Python, converting only where lossless."""
-    typ, _ = _base_type(f)
-    if typ is Path and isinstance(value, str):
+    typ, optional = _base_type(f)
+    if optional and value == "":  # TOML has no null: "" means none, as in the environment
+        return None
+    if typ is Path and isinstance(value, str) and value.strip():
         value = Path(value).expanduser()
     elif typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -178,6 +189,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if set(data) == {"prefloop"} and isinstance(data["prefloop"], dict):

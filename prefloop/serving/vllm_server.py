@@ -69,17 +69,18 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def kill_group(pgid: int, timeout: float = 20.0) -> None:
-    """SIGTERM a process group, then SIGKILL whatever is left after ``timeout``."""
+def kill_group(pgid: int, timeout: float = 15.0) -> None:
+    """Stop a process group: SIGTERM its leader (vLLM then shuts its engine down in order),
+    and SIGKILL whatever of the group is left after ``timeout``."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.kill(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not group_alive(pgid):
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -117,7 +118,7 @@ class VLLMServer:
         self.lora_slots = lora_slots
         self.start_timeout = start_timeout
         self.extra_args = list(extra_args or [])
-        self.api_key = secrets.token_urlsafe(24)
+        self.api_key = secrets.token_hex(24)  # hex: never starts with "-"
         self.restarts = 0
         self.on_restart: list[Callable[[], None]] = []
         self._proc: subprocess.Popen | None = None

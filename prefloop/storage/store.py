@@ -7,14 +7,16 @@ transaction; when a write method returns, its data is on disk (``synchronous=FUL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -37,7 +39,7 @@ class Conflict(StoreError):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def new_id() -> str:
@@ -78,12 +80,33 @@ class Store:
         with self._lock:
             self.db.close()
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, serialised with this store's other calls.
+
+        ``BEGIN IMMEDIATE`` takes the write lock before the first read, so a writer on another
+        connection (another process) makes this wait up to the busy timeout; a plain deferred
+        ``BEGIN`` would fail at once with "database is locked" once its read snapshot is stale.
+        """
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.rollback()
+                raise
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.rollback()
+                raise
+
     # -- conversations -------------------------------------------------------------------
 
     def create_conversation(self, client_id: str | None = None) -> str:
         conversation_id = new_id()
         stamp = now()
-        with self._lock, self.db.atomic():
+        with self._write():
             self.db["conversations"].insert(
                 {"id": conversation_id, "client_id": client_id, "created_at": stamp,
                  "updated_at": stamp})
@@ -122,7 +145,7 @@ class Store:
         """Store two answers to ``context`` (whose last message is the user's new turn)."""
         assert context and context[-1]["role"] == "user", "context must end with a user turn"
         pair_id = new_id()
-        with self._lock, self.db.atomic():
+        with self._write():
             self.conversation(conversation_id)
             if (open_id := self.open_pair(conversation_id)) is not None:
                 raise Conflict(f"pair {open_id} of this conversation has no vote yet")
@@ -172,7 +195,7 @@ class Store:
             row = {"pair_id": pair_id, "choice": choice, "answer": answer,
                    "client_id": client_id, "created_at": now()}
             try:
-                with self.db.atomic():
+                with self._write():
                     self.db["votes"].insert(row)
                     position = self.db.execute(
                         "select count(*) from messages where conversation_id = ?",

@@ -1,0 +1,180 @@
+"""The Arena tab: chat, two answers streaming side by side, one vote per turn.
+
+Handlers are methods of :class:`ArenaHandlers`, plain functions of their inputs that a test
+can call without a browser. :func:`build_arena` wires them to Gradio components.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from prefloop.app.chat import ChatService, InputError
+from prefloop.serving.context import ContextTooLong
+from prefloop.serving.sampler import SamplingError
+from prefloop.storage.store import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad",
+               "written": "your written answer"}
+PLACEHOLDER = "*waiting for your message*"
+
+
+@dataclass
+class ArenaState:
+    """What one browser tab knows: its conversation and the pair awaiting a vote."""
+
+    conversation_id: str | None = None
+    pair_id: str | None = None
+    pending_message: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)  # accepted messages
+
+
+@dataclass
+class View:
+    """Values for the arena's outputs, in :data:`OUTPUTS` order."""
+
+    state: ArenaState
+    chat: list[dict[str, str]]
+    answer_a: str = PLACEHOLDER
+    answer_b: str = PLACEHOLDER
+    status: str = ""
+    voting: bool = False        # vote buttons enabled
+    typing: bool = True         # message box and send enabled
+    clear_message: bool = False
+    clear_written: bool = False
+
+    def updates(self) -> tuple[Any, ...]:
+        vote = gr.update(interactive=self.voting)
+        return (self.state, self.chat, self.answer_a, self.answer_b, self.status,
+                vote, vote, vote, vote, vote,
+                gr.update(interactive=self.typing, **({"value": ""} if self.clear_message else {})),
+                gr.update(interactive=self.typing),
+                gr.update(**({"value": ""} if self.clear_written else {})))
+
+
+def _shown(state: ArenaState) -> list[dict[str, str]]:
+    chat = list(state.history)
+    if state.pending_message is not None:
+        chat.append({"role": "user", "content": state.pending_message})
+    return chat
+
+
+class ArenaHandlers:
+    """Event handlers of the Arena tab, bound to a :class:`ChatService`."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    async def send(self, message: str, state: ArenaState | None) -> AsyncIterator[View]:
+        state = state or ArenaState()
+        if state.pair_id is not None:
+            yield View(state, _shown(state), status="Vote on these answers first.",
+                       voting=True, typing=False)
+            return
+        try:
+            self.service.check_turn(message, state.conversation_id)
+        except (InputError, NotFound, Conflict) as exc:
+            yield View(state, _shown(state), status=f"⚠️ {exc}")
+            return
+        state.pending_message = message
+        chat = _shown(state)
+        yield View(state, chat, "…", "…", status="Writing two answers…", typing=False,
+                   clear_message=True)
+        try:
+            async for turn in self.service.stream_turn(message, state.conversation_id):
+                progress = turn.progress
+                note = ""
+                if progress.dropped_messages:
+                    note = (f"The {progress.dropped_messages} oldest messages were left out "
+                            "to fit the model's context window. ")
+                if turn.pair_id is not None:
+                    state.conversation_id, state.pair_id = turn.conversation_id, turn.pair_id
+                    yield View(state, chat, progress.a.text or "*(empty answer)*",
+                               progress.b.text or "*(empty answer)*",
+                               status=note + "Which answer is better?", voting=True,
+                               typing=False)
+                else:
+                    yield View(state, chat, progress.a.text or "…", progress.b.text or "…",
+                               status=note + "Writing two answers…", typing=False)
+        except (SamplingError, ContextTooLong, InputError, NotFound, Conflict) as exc:
+            state.pending_message = None
+            yield View(state, _shown(state), status=f"⚠️ {exc}")
+
+    def vote(self, choice: str, state: ArenaState | None, answer: str | None = None) -> View:
+        state = state or ArenaState()
+        if state.pair_id is None:
+            return View(state, _shown(state), status="Send a message first.")
+        try:
+            self.service.vote(state.pair_id, choice, answer)
+        except (InputError, NotFound, Conflict) as exc:
+            return View(state, _shown(state), status=f"⚠️ {exc}", voting=True, typing=False)
+        except Exception:  # not stored (e.g. disk full): say so and keep the buttons
+            log.exception("vote on pair %s failed", state.pair_id)
+            return View(state, _shown(state), status="⚠️ The vote could not be saved; "
+                        "please try again.", voting=True, typing=False)
+        if state.conversation_id is not None:
+            state.history = self.service.store.messages(state.conversation_id)
+        state.pair_id, state.pending_message = None, None
+        return View(state, _shown(state), status=f"Saved: {VOTE_LABELS[choice]}. "
+                    "Send your next message.", clear_written=True)
+
+    def new_conversation(self, state: ArenaState | None) -> View:
+        return View(ArenaState(), [], status="New conversation.")
+
+
+def build_arena(handlers: ArenaHandlers) -> None:
+    """Lay out the Arena inside the current ``gr.Blocks`` and wire its events."""
+    state = gr.State(None)
+    chat = gr.Chatbot(label="Conversation", elem_id="conversation", height=320)
+    with gr.Row(equal_height=True):
+        with gr.Column():
+            gr.Markdown("### Answer A")
+            answer_a = gr.Markdown(PLACEHOLDER, elem_id="answer-a", line_breaks=True)
+        with gr.Column():
+            gr.Markdown("### Answer B")
+            answer_b = gr.Markdown(PLACEHOLDER, elem_id="answer-b", line_breaks=True)
+    with gr.Row():
+        better_a = gr.Button("A is better", interactive=False, elem_id="vote-a")
+        better_b = gr.Button("B is better", interactive=False, elem_id="vote-b")
+        tie = gr.Button("Tie", interactive=False, elem_id="vote-tie")
+        both_bad = gr.Button("Both bad", interactive=False, elem_id="vote-both-bad")
+    with gr.Accordion("Write a better answer", open=False, elem_id="write-accordion"):
+        written = gr.Textbox(label="Your answer", lines=4, elem_id="written-answer")
+        submit_written = gr.Button("Send my answer", interactive=False, elem_id="vote-written")
+    status = gr.Markdown("", elem_id="status")
+    with gr.Row():
+        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                             scale=5, elem_id="message", max_lines=8)
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+    new = gr.Button("New conversation", elem_id="new-conversation")
+    # Answers render as sanitised Markdown: HTML or script in model output stays inert.
+    disabled_until_vote = [better_a, better_b, tie, both_bad, submit_written]
+
+    outputs = [state, chat, answer_a, answer_b, status, *disabled_until_vote, message, send,
+               written]
+
+    def to_tuple(view: View) -> tuple[Any, ...]:
+        return view.updates()
+
+    async def on_send(text: str, current: ArenaState | None):
+        async for view in handlers.send(text, current):
+            yield to_tuple(view)
+
+    for trigger in (send.click, message.submit):
+        trigger(on_send, [message, state], outputs, concurrency_limit=None,
+                show_progress="hidden")
+    for button, choice in ((better_a, "a"), (better_b, "b"), (tie, "tie"),
+                           (both_bad, "both_bad")):
+        button.click(lambda current, c=choice: to_tuple(handlers.vote(c, current)), [state],
+                     outputs, concurrency_limit=None)
+    submit_written.click(
+        lambda text, current: to_tuple(handlers.vote("written", current, text)),
+        [written, state], outputs, concurrency_limit=None)
+    new.click(lambda current: to_tuple(handlers.new_conversation(current)), [state], outputs)
+    assert len(outputs) == len(View(ArenaState(), []).updates())

@@ -1,0 +1,115 @@
+"""The arena's logic, shared by the page and the JSON API: validate, sample a pair, vote."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prefloop.config import Settings
+from prefloop.serving.sampler import PairProgress, PairSampler
+from prefloop.storage.store import CHOICES, Answer, Conflict, Store
+
+
+class InputError(ValueError):
+    """Input a person or client sent that we refuse; the message says why."""
+
+
+@dataclass
+class Turn:
+    """A pair being answered: its snapshots while streaming, then its stored id."""
+
+    conversation_id: str | None
+    progress: PairProgress
+    pair_id: str | None = None  # set on the last snapshot, once the pair is stored
+
+
+def clean_text(text: object, what: str, limit: int) -> str:
+    """Check user text: a non-blank string within ``limit`` characters, no control codes."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text")
+    if not text.strip():
+        raise InputError(f"{what} is empty")
+    if len(text) > limit:
+        raise InputError(f"{what} has {len(text):,} characters; the limit is {limit:,}")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t\r"]
+    if bad:
+        raise InputError(f"{what} contains control characters (e.g. U+{ord(bad[0]):04X})")
+    return text
+
+
+class ChatService:
+    """Conversations in the arena: each user turn gets two answers and one vote."""
+
+    def __init__(self, settings: Settings, store: Store, sampler: PairSampler) -> None:
+        self.settings = settings
+        self.store = store
+        self.sampler = sampler
+
+    def check_turn(self, message: object, conversation_id: str | None) -> str:
+        """Validate a new user turn before any work is done; returns the message."""
+        text = clean_text(message, "the message", self.settings.max_message_chars)
+        if conversation_id is not None:
+            self.store.conversation(conversation_id)  # NotFound for unknown ids
+            if (open_id := self.store.open_pair(conversation_id)) is not None:
+                raise Conflict(f"vote on pair {open_id} before sending the next message")
+            turns = sum(m["role"] == "user" for m in self.store.messages(conversation_id))
+            if turns >= self.settings.max_turns:
+                raise InputError(f"this conversation has reached {self.settings.max_turns} "
+                                 "turns; start a new conversation")
+        return text
+
+    async def stream_turn(self, message: object, conversation_id: str | None = None,
+                          client_id: str | None = None,
+                          seed: int | None = None) -> AsyncIterator[Turn]:
+        """Stream both answers to ``message``; the last :class:`Turn` has the stored pair.
+
+        Nothing is stored unless both answers complete, so a failure leaves no trace.
+        """
+        text = self.check_turn(message, conversation_id)
+        history = self.store.messages(conversation_id) if conversation_id else []
+        history.append({"role": "user", "content": text})
+        final: PairProgress | None = None
+        async for progress in self.sampler.stream(history, seed=seed):
+            final = progress
+            yield Turn(conversation_id, progress)
+        assert final is not None and final.done
+        if conversation_id is None:
+            conversation_id = self.store.create_conversation(client_id)
+        # The stored context is the conversation as the person sees it (not cut short);
+        # dropped_messages says how much of it the model did not see.
+        context = ([{"role": "system", "content": self.settings.system_prompt}]
+                   if self.settings.system_prompt else []) + history
+        pair_id = self.store.add_pair(
+            conversation_id, context,
+            Answer(final.a.policy, final.a.text, final.a.seed, final.a.finish_reason,
+                   final.a.tokens),
+            Answer(final.b.policy, final.b.text, final.b.seed, final.b.finish_reason,
+                   final.b.tokens),
+            dropped_messages=final.dropped_messages, sampling=self.sampler.sampling.as_dict(),
+            first_token_ms=final.first_token_ms, total_ms=final.total_ms)
+        yield Turn(conversation_id, final, pair_id)
+
+    async def turn(self, message: object, conversation_id: str | None = None,
+                   client_id: str | None = None, seed: int | None = None) -> Turn:
+        """Both answers to ``message``, stored; for clients that do not stream."""
+        turns = [turn async for turn in self.stream_turn(message, conversation_id, client_id,
+                                                         seed)]
+        assert turns[-1].pair_id is not None
+        return turns[-1]
+
+    def vote(self, pair_id: object, choice: object, answer: object = None,
+             client_id: str | None = None) -> dict:
+        """Record a vote; ``answer`` (a written better answer) implies choice ``written``."""
+        if not isinstance(pair_id, str) or not pair_id:
+            raise InputError("pair_id must be a non-empty string")
+        if answer is not None and choice in (None, "written"):
+            choice = "written"
+            answer = clean_text(answer, "the written answer", self.settings.max_answer_chars)
+        elif answer is not None:
+            raise InputError("a written answer goes with choice 'written' (or no choice)")
+        if choice not in CHOICES:
+            raise InputError(f"choice must be one of {', '.join(CHOICES)}")
+        if choice == "written" and answer is None:
+            raise InputError("choice 'written' needs the answer text")
+        return self.store.vote(pair_id, choice, answer, client_id)

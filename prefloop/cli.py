@@ -1,0 +1,124 @@
+"""The ``prefloop`` command: a thin layer over importable functions.
+
+Library errors become ``click.ClickException`` here, at the edge, so people see one clear
+line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from prefloop.config import ConfigError, Settings, env_name, load_settings, setting_fields
+from prefloop.serving.models import ModelError, is_prepared, model_dir_for, prepare_model
+from prefloop.serving.vllm_server import VLLMError
+
+
+def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config`` and one flag per setting; pass the merged :class:`Settings` on."""
+
+    @functools.wraps(func)
+    def wrapper(config: Path | None, **kwargs: Any) -> Any:
+        names = {f.name for f in setting_fields()}
+        overrides = {k: v for k, v in kwargs.items() if k in names}
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        try:
+            settings = load_settings(config, overrides=overrides)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        return func(settings, **rest)
+
+    for f in reversed(setting_fields()):
+        flag = "--" + f.name.replace("_", "-")
+        wrapper = click.option(flag, f.name, default=None, type=str, metavar="VALUE",
+                               help=f"{f.metadata['help']} [env: {env_name(f.name)}]")(wrapper)
+    return click.option("--config", type=click.Path(path_type=Path), default=None,
+                        help="TOML settings file (default: ./prefloop.toml if present).")(wrapper)
+
+
+@click.group()
+@click.version_option(package_name="prefloop")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """prefloop: chat with two answers per turn; the votes train the model."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@settings_options
+def serve(settings: Settings) -> None:
+    """Start vLLM and the page and API (http://127.0.0.1:7860 by default)."""
+    from prefloop.app.server import serve as run
+
+    try:
+        run(settings, progress=click.echo)
+    except (ModelError, VLLMError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def model() -> None:
+    """Model files: prepare the embedded default, a Hugging Face id, or a local folder."""
+
+
+@model.command("prepare")
+@settings_options
+def model_prepare(settings: Settings) -> None:
+    """Prepare --model (default: embedded SmolLM2-135M-Instruct) for serving and training."""
+    try:
+        path = prepare_model(settings.model, settings.models_dir, progress=click.echo)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(path))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@settings_options
+def status(settings: Settings, as_json: bool) -> None:
+    """Show the settings, the model, the database and whether the server answers."""
+    import httpx
+
+    from prefloop.storage.store import Store
+
+    info: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in
+                                         dataclasses.asdict(settings).items()}}
+    info["settings"]["vllm_api_key"] = "***" if settings.vllm_api_key else None
+    try:
+        model_path = model_dir_for(settings.model, settings.models_dir)
+        info["model"] = {"path": str(model_path), "prepared": is_prepared(model_path)}
+    except ModelError as exc:
+        info["model"] = {"error": str(exc)}
+    if settings.db_path.exists():
+        store = Store(settings.db_path)
+        info["database"] = {"path": str(settings.db_path), **store.counts()}
+        store.close()
+    else:
+        info["database"] = {"path": str(settings.db_path), "exists": False}
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address goes in brackets in a URL
+    try:
+        response = httpx.get(f"http://{host}:{settings.port}/healthz", timeout=3)
+        info["server"] = {"running": True, "health": response.json()}
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError):
+        info["server"] = {"running": False}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for section, values in info.items():
+        click.echo(f"{section}:")
+        for key, value in values.items():
+            click.echo(f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Shared fixtures. The real vLLM server on the embedded model starts once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+for _name in [n for n in os.environ if n.startswith("PREFLOOP_")]:
+    del os.environ[_name]  # a developer's settings must not leak into the tests
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("PREFLOOP_TEST_CACHE_DIR", REPO / ".cache" / "test"))
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Models folder shared by the tests (the embedded model is converted once)."""
+    path = CACHE / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_model(models_dir: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder."""
+    from prefloop.serving.models import prepare_model
+
+    return prepare_model("embedded", models_dir, progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(embedded_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One real vLLM OpenAI server on the embedded model, LoRA enabled, for the session."""
+    from prefloop.serving.vllm_server import VLLMServer
+
+    server = VLLMServer(embedded_model, tmp_path_factory.mktemp("vllm"), memory_fraction=0.3,
+                        max_model_len=2048, start_timeout=600)
+    server.start()
+    yield server
+    server.stop()
+
+
+class ServeProcess:
+    """A real ``prefloop serve`` subprocess and where to reach it."""
+
+    def __init__(self, data_dir: Path, args: list[str], env: dict[str, str] | None = None):
+        import subprocess
+        import sys
+
+        from prefloop.serving.vllm_server import free_port
+
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / "serve.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefloop", "serve", "--data-dir", str(data_dir),
+                 "--port", str(self.port), *args],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefloop serve exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"prefloop serve not ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def external_args(vllm_server) -> list[str]:
+    """CLI flags that point ``prefloop serve`` at the session's vLLM server."""
+    endpoint = vllm_server.endpoint
+    return ["--vllm-url", endpoint.url, "--vllm-api-key", endpoint.api_key]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, external_args: list[str]) -> Iterator:
+    """A ``prefloop serve`` on the shared vLLM, with its own data dir, for one test module."""
+    server = ServeProcess(tmp_path_factory.mktemp("served"), external_args)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

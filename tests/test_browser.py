@@ -1,0 +1,119 @@
+"""The Arena page in real Chromium (Debian's), driven by Playwright, on a real server."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sqlite3
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = shutil.which("chromium")
+    assert executable, "Chromium is missing: run `make chromium` (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, served) -> Page:
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(served.url + "/")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.locator("#send").click()
+
+
+def votes(served) -> list[tuple]:
+    with sqlite3.connect(served.data_dir / "prefloop.db") as db:
+        return db.execute("select p.conversation_id, v.choice, p.text_a from votes v "
+                          "join pairs p on p.id = v.pair_id order by v.created_at").fetchall()
+
+
+def test_chat_vote_and_continue(page: Page, served):
+    vote_a = page.locator("#vote-a")
+    expect(vote_a).to_be_disabled()
+    before = len(votes(served))
+
+    send(page, "Suggest a name for a cat.")
+    expect(vote_a).to_be_enabled(timeout=60_000)
+    answer_a = page.locator("#answer-a").inner_text().strip()
+    answer_b = page.locator("#answer-b").inner_text().strip()
+    assert answer_a and answer_b and answer_a != answer_b
+    expect(page.locator("#send")).to_be_disabled()
+
+    vote_a.click()
+    expect(page.locator("#status")).to_contain_text("Saved: A is better", timeout=10_000)
+    expect(vote_a).to_be_disabled()
+    rows = votes(served)
+    assert len(rows) == before + 1
+    conversation_id, choice, text_a = rows[-1]
+    assert choice == "a"
+    # The stored answer A is the one shown as A (compared without Markdown punctuation).
+    assert re.sub(r"\W", "", text_a)[:30] == re.sub(r"\W", "", answer_a)[:30]
+    # The chosen answer joined the conversation shown above the answers.
+    expect(page.locator("#conversation")).to_contain_text("Suggest a name for a cat.")
+
+    send(page, "Another one, please.")
+    expect(vote_a).to_be_enabled(timeout=60_000)
+    page.locator("#vote-both-bad").click()
+    expect(page.locator("#status")).to_contain_text("Saved: Both bad", timeout=10_000)
+    rows = votes(served)
+    assert len(rows) == before + 2
+    assert rows[-1][0] == conversation_id and rows[-1][1] == "both_bad"
+
+
+def test_written_answer_joins_the_conversation(page: Page, served):
+    send(page, "Say hello.")
+    expect(page.locator("#vote-a")).to_be_enabled(timeout=60_000)
+    page.locator("#write-accordion").get_by_text("Write a better answer").click()
+    expect(page.locator("#vote-written")).to_be_enabled(timeout=10_000)
+    page.locator("#written-answer textarea").fill("Hello! Nice to meet you.")
+    page.locator("#vote-written").click()
+    expect(page.locator("#status")).to_contain_text("Saved: your written answer",
+                                                    timeout=10_000)
+    expect(page.locator("#conversation")).to_contain_text("Hello! Nice to meet you.")
+
+
+def test_bad_messages_show_an_error_and_store_nothing(page: Page, served):
+    before = len(votes(served))
+    with sqlite3.connect(served.data_dir / "prefloop.db") as db:
+        pairs_before = db.execute("select count(*) from pairs").fetchone()[0]
+    send(page, "   ")
+    expect(page.locator("#status")).to_contain_text("empty", timeout=10_000)
+    send(page, "x" * 4001)
+    expect(page.locator("#status")).to_contain_text("limit is 4,000", timeout=10_000)
+    expect(page.locator("#vote-a")).to_be_disabled()
+    with sqlite3.connect(served.data_dir / "prefloop.db") as db:
+        assert db.execute("select count(*) from pairs").fetchone()[0] == pairs_before
+    assert len(votes(served)) == before
+
+
+def test_new_conversation_starts_over(page: Page, served):
+    send(page, "Tell me a fact.")
+    expect(page.locator("#vote-tie")).to_be_enabled(timeout=60_000)
+    page.locator("#vote-tie").click()
+    expect(page.locator("#status")).to_contain_text("Saved: Tie", timeout=10_000)
+    expect(page.locator("#conversation")).to_contain_text("Tell me a fact.")
+    page.locator("#new-conversation").click()
+    expect(page.locator("#conversation")).not_to_contain_text("Tell me a fact.",
+                                                               timeout=10_000)
