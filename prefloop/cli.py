@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ import click
 from prefloop.config import ConfigError, Settings, env_name, load_settings, setting_fields
 from prefloop.serving.models import ModelError, is_prepared, model_dir_for, prepare_model
 from prefloop.serving.vllm_server import VLLMError
+from prefloop.storage.exchange import FORMATS
+from prefloop.trainer.cli import train_command
 
 
 def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,6 +122,98 @@ def status(settings: Settings, as_json: bool) -> None:
         click.echo(f"{section}:")
         for key, value in values.items():
             click.echo(f"  {key}: {value}")
+
+
+@main.command("export")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL file to write (replaced if it exists).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="trl", show_default=True,
+              help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF transcripts.")
+@click.option("--since", default=None, metavar="DATE",
+              help="Only votes at or after this ISO date or time (UTC), e.g. 2026-11-01.")
+@settings_options
+def export_command(settings: Settings, out: Path, fmt: str, since: str | None) -> None:
+    """Write the stored votes as preference pairs (ties and both-bad are left out)."""
+    from prefloop.storage.exchange import preferences, to_hh, to_trl
+    from prefloop.storage.store import Store
+
+    if since is not None:
+        try:
+            since = datetime.fromisoformat(since).isoformat()
+        except ValueError:
+            raise click.ClickException(f"--since: {since!r} is not an ISO date or time "
+                                       "(e.g. 2026-11-01 or 2026-11-01T12:00)") from None
+    if not settings.db_path.exists():
+        raise click.ClickException(f"no database at {settings.db_path}; check --data-dir")
+    store = Store(settings.db_path)
+    convert = to_trl if fmt == "trl" else to_hh
+    tmp = out.with_name(f".{out.name}.tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for pref in preferences(store, since):
+                f.write(json.dumps(convert(pref), ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        store.close()
+    click.echo(f"wrote {count} pairs to {out}")
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="trl", show_default=True,
+              help="trl: prompt/chosen/rejected (conversational or strings); hh: HH-RLHF.")
+@click.option("--skip-invalid", is_flag=True, help="Skip and count bad lines instead of failing.")
+@settings_options
+def import_command(settings: Settings, file: Path, fmt: str, skip_invalid: bool) -> None:
+    """Seed the store with a preference file; pairs already stored are skipped."""
+    from prefloop.storage.exchange import import_preferences
+    from prefloop.storage.store import Store
+    from prefloop.trainer.data import PairsFileError
+
+    try:
+        prefs, skipped = read_preferences(file, fmt, skip_invalid)
+    except PairsFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    store = Store(settings.db_path)
+    try:
+        added, duplicates = import_preferences(store, prefs)
+    finally:
+        store.close()
+    click.echo(f"imported {added} pairs, {duplicates} already stored, {skipped} invalid "
+               "lines skipped")
+
+
+def read_preferences(file: Path, fmt: str, skip_invalid: bool) -> tuple[list, int]:
+    """Preferences from a TRL or HH file; a bad line raises PairsFileError naming it."""
+    from prefloop.storage.exchange import Preference, parse_hh
+    from prefloop.trainer.data import PairsFileError, read_pairs
+
+    if fmt == "trl":
+        pairs = read_pairs(file, skip_invalid)
+        return [Preference([m.as_dict() for m in p.prompt], p.chosen, p.rejected)
+                for p in pairs.pairs], pairs.skipped
+    prefs, skipped = [], 0
+    for number, line in enumerate(file.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prefs.append(parse_hh(json.loads(line)))
+        except (ValueError, UnicodeDecodeError) as exc:
+            if not skip_invalid:
+                raise PairsFileError(f"{file} line {number}: {exc} (use --skip-invalid to "
+                                     "skip bad lines)") from None
+            skipped += 1
+    if not prefs:
+        raise PairsFileError(f"{file} holds no valid HH records")
+    return prefs, skipped
+
+
+main.add_command(train_command)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class Settings:
     lora_slots: int = _setting(4, "Adapters vLLM keeps loaded at once.", lo=1, hi=64)
     temperature: float = _setting(0.8, "Sampling temperature.", lo=0.0, hi=2.0)
     top_p: float = _setting(0.95, "Nucleus sampling threshold.", lo=0.01, hi=1.0)
-    max_tokens: int = _setting(256, "Most tokens in one answer.", lo=1, hi=32768)
+    max_tokens: int = _setting(128, "Most tokens in one answer.", lo=1, hi=32768)
     system_prompt: str = _setting("", "System prompt put before every conversation ('' for none).")
     max_message_chars: int = _setting(4000, "Most characters in one user message.",
                                       lo=1, hi=1_000_000)

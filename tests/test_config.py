@@ -44,7 +44,7 @@ def test_defaults_without_file_env_or_overrides(monkeypatch: pytest.MonkeyPatch,
     assert settings.host == "127.0.0.1"
     assert settings.port == 7860
     assert settings.vllm_url is None
-    assert settings.max_tokens == 256
+    assert settings.max_tokens == 128
     assert settings.data_dir == tmp_path / "xdg" / "prefloop"
     assert settings.db_path == tmp_path / "xdg" / "prefloop" / "prefloop.db"
     assert settings.models_dir == settings.data_dir / "models"

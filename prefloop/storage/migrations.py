@@ -46,3 +46,11 @@ def m001_conversations_pairs_votes(db: Database) -> None:
         not_null={"choice"},
     )
     db["votes"].create_index(["created_at"])
+
+
+@migrations()
+def m002_pair_fingerprints(db: Database) -> None:
+    # Imported pairs carry a fingerprint of (prompt, chosen, rejected) so that importing the
+    # same file twice adds nothing. NULL for pairs sampled here (NULLs never collide).
+    db["pairs"].add_column("fingerprint", str)
+    db["pairs"].create_index(["fingerprint"], unique=True)

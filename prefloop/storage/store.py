@@ -80,6 +80,12 @@ class Store:
         with self._lock:
             self.db.close()
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """One write transaction, serialised with this store's other calls.
@@ -214,6 +220,33 @@ class Store:
                     raise Conflict(f"pair {pair_id} already has a vote") from None
                 raise
         return row
+
+    def import_pair(self, context: list[dict[str, str]], chosen: str, rejected: str,
+                    fingerprint: str) -> bool:
+        """Store an outside preference as a conversation, a pair and its vote (``a`` =
+        chosen). Returns False, storing nothing, when ``fingerprint`` is already here."""
+        with self._lock:
+            if self.db.execute("select 1 from pairs where fingerprint = ?",
+                               [fingerprint]).fetchone():
+                return False
+            with self._write():
+                conversation_id, pair_id, stamp = new_id(), new_id(), now()
+                self.db["conversations"].insert({"id": conversation_id, "created_at": stamp,
+                                                 "updated_at": stamp})
+                self.db["pairs"].insert({
+                    "id": pair_id, "conversation_id": conversation_id, "turn": 0,
+                    "kind": "import", "context": json.dumps(context, ensure_ascii=False),
+                    "dropped_messages": 0, "policy_a": "import", "policy_b": "import",
+                    "text_a": chosen, "text_b": rejected, "sampling": "{}",
+                    "fingerprint": fingerprint, "created_at": stamp})
+                self.db["votes"].insert({"pair_id": pair_id, "choice": "a",
+                                         "created_at": stamp})
+                self.db["messages"].insert_all([
+                    {"conversation_id": conversation_id, "position": i, "role": m["role"],
+                     "content": m["content"], "pair_id": pair_id, "created_at": stamp}
+                    for i, m in enumerate(context + [{"role": "assistant",
+                                                      "content": chosen}])])
+        return True
 
     def vote_of(self, pair_id: str) -> dict[str, Any] | None:
         with self._lock:

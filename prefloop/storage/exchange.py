@@ -1,0 +1,106 @@
+"""Preference pairs in and out of the store: TRL conversational JSONL and HH-RLHF text.
+
+Export: a decisive vote (``a``/``b``) gives one pair; a written answer gives two, the written
+answer preferred over each answer shown. Ties and both-bad votes carry no preference and are
+left out. Import: each record becomes a conversation with one pair and its vote; a record
+seen before (same prompt, chosen and rejected) is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prefloop.storage.store import Store
+
+FORMATS = ("trl", "hh")
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: Messages  # ends with a user message
+    chosen: str
+    rejected: str
+
+    def fingerprint(self) -> str:
+        blob = json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def preferences(store: Store, since: str | None = None) -> Iterator[Preference]:
+    """The stored votes as preferences, oldest vote first."""
+    for row in store.voted_pairs(since):
+        prompt, a, b = row["context"], row["text_a"], row["text_b"]
+        if row["choice"] == "a":
+            yield Preference(prompt, a, b)
+        elif row["choice"] == "b":
+            yield Preference(prompt, b, a)
+        elif row["choice"] == "written":
+            for shown in dict.fromkeys((a, b)):  # both, once each if they are equal
+                if shown != row["answer"]:
+                    yield Preference(prompt, row["answer"], shown)
+
+
+def to_trl(pref: Preference) -> dict:
+    return {"prompt": pref.prompt,
+            "chosen": [{"role": "assistant", "content": pref.chosen}],
+            "rejected": [{"role": "assistant", "content": pref.rejected}]}
+
+
+def hh_transcript(messages: Messages) -> str:
+    """HH-RLHF text: ``\\n\\nHuman: …\\n\\nAssistant: …`` (a system message is left out)."""
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages
+                   if m["role"] in names)
+
+
+def to_hh(pref: Preference) -> dict:
+    return {"chosen": hh_transcript(pref.prompt + [{"role": "assistant", "content": pref.chosen}]),
+            "rejected": hh_transcript(pref.prompt + [{"role": "assistant",
+                                                      "content": pref.rejected}])}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_transcript(text: str) -> Messages:
+    """Split an HH-RLHF transcript into chat messages; ValueError when it is not one."""
+    if not isinstance(text, str):
+        raise ValueError("chosen and rejected must be transcript strings")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError("a transcript must start with '\\n\\nHuman: '")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[name], "content": content.strip()}
+            for name, content in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def parse_hh(obj: object) -> Preference:
+    """One HH-RLHF record ``{"chosen": transcript, "rejected": transcript}``."""
+    if not isinstance(obj, dict) or not {"chosen", "rejected"} <= set(obj):
+        raise ValueError("an HH record is an object with 'chosen' and 'rejected' transcripts")
+    chosen, rejected = parse_hh_transcript(obj["chosen"]), parse_hh_transcript(obj["rejected"])
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise ValueError("both transcripts must end with an Assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("chosen and rejected must share everything before the last answer")
+    if not chosen[-2:-1] or chosen[-2]["role"] != "user":
+        raise ValueError("the last answer must follow a Human turn")
+    a, b = chosen[-1]["content"], rejected[-1]["content"]
+    if not a or not b:
+        raise ValueError("an answer is empty")
+    if a == b:
+        raise ValueError("chosen and rejected are the same answer")
+    return Preference(chosen[:-1], a, b)
+
+
+def import_preferences(store: Store, prefs: list[Preference]) -> tuple[int, int]:
+    """Add each preference as a voted pair; returns (added, skipped as duplicates)."""
+    added = 0
+    for pref in prefs:
+        added += store.import_pair(pref.prompt, pref.chosen, pref.rejected, pref.fingerprint())
+    return added, len(prefs) - added
