@@ -203,7 +203,8 @@ def make_pairs(n: int, seed: int = SEED) -> list[dict[str, Any]]:
 
 # --- the configurations, each run in its own process ---------------------------------------
 
-def run_prefloop(pairs_file: Path, model: Path, work: Path, threads: int) -> dict[str, Any]:
+def run_prefloop(pairs_file: Path, model: Path, work: Path, threads: int,
+                 precision: str) -> dict[str, Any]:
     """One round of prefloop's trainer on every pair (nothing held out)."""
     start = time.perf_counter()
     import torch
@@ -216,7 +217,8 @@ def run_prefloop(pairs_file: Path, model: Path, work: Path, threads: int) -> dic
         pairs=pairs_file, out=work / "adapter", model=model, loss="sigmoid", beta=BETA, lr=LR,
         epochs=EPOCHS, batch_size=BATCH, grad_accum=1, max_length=MAX_LENGTH, lora_r=LORA_R,
         lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=TARGETS,
-        val_fraction=0.0, seed=SEED, warmup_ratio=0.0, max_grad_norm=1.0, threads=threads)
+        val_fraction=0.0, seed=SEED, warmup_ratio=0.0, max_grad_norm=1.0, threads=threads,
+        precision=precision)
     metrics = run_round(config, progress=True)
     pairs = metrics["pairs"]
     assert pairs["dropped"] == 0 and pairs["prompts_truncated"] == 0 \
@@ -229,7 +231,7 @@ def run_prefloop(pairs_file: Path, model: Path, work: Path, threads: int) -> dic
 
 
 def run_trl(pairs_file: Path, model: Path, work: Path, threads: int,
-            best: bool) -> dict[str, Any]:
+            best: bool, precision: str) -> dict[str, Any]:
     """One DPOTrainer run on every pair: TRL's defaults, or its fastest settings here."""
     start = time.perf_counter()
     import torch
@@ -244,13 +246,13 @@ def run_trl(pairs_file: Path, model: Path, work: Path, threads: int,
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     policy = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     loaded = time.perf_counter()
-    # The shared settings; bf16=False because TRL defaults to bf16 autocast, even on a CPU.
+    # The shared settings; bf16 (autocast, TRL's default even on a CPU) only when compared so.
     args = DPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1, num_train_epochs=EPOCHS, learning_rate=LR,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH, seed=SEED, use_cpu=True,
-        bf16=False, logging_steps=1, report_to="none", save_strategy="no",
+        bf16=precision == "bf16", logging_steps=1, report_to="none", save_strategy="no",
         **({"gradient_checkpointing": False, "precompute_ref_log_probs": True} if best else {}))
     lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA,
                       lora_dropout=LORA_DROPOUT, target_modules=list(TARGETS))
@@ -271,13 +273,15 @@ def run_trl(pairs_file: Path, model: Path, work: Path, threads: int,
                 "logging_steps")}}
 
 
-def child(name: str, pairs_file: Path, model: Path, threads: int, result: Path) -> None:
+def child(name: str, pairs_file: Path, model: Path, threads: int, result: Path,
+          precision: str) -> None:
     """Run one configuration in this (fresh) process and write its figures to ``result``."""
     with tempfile.TemporaryDirectory(prefix=f"prefloop-bench-{name}-") as tmp:
         if name == "prefloop":
-            figures = run_prefloop(pairs_file, model, Path(tmp), threads)
+            figures = run_prefloop(pairs_file, model, Path(tmp), threads, precision)
         else:
-            figures = run_trl(pairs_file, model, Path(tmp), threads, best=name == "trl-best")
+            figures = run_trl(pairs_file, model, Path(tmp), threads, name == "trl-best",
+                              precision)
     # ru_maxrss is in KiB on Linux; this process ran one configuration only.
     figures["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     figures["pairs_per_s"] = figures["pairs"] / figures["train_s"]
@@ -286,11 +290,12 @@ def child(name: str, pairs_file: Path, model: Path, threads: int, result: Path) 
 
 # --- the parent: spawn, compare, report ------------------------------------------------------
 
-def spawn(name: str, pairs_file: Path, model: Path, threads: int, work: Path) -> dict[str, Any]:
+def spawn(name: str, pairs_file: Path, model: Path, threads: int, work: Path,
+          precision: str) -> dict[str, Any]:
     result = work / f"{name}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--model",
                str(model), "--pairs-file", str(pairs_file), "--threads", str(threads),
-               "--result", str(result)]
+               "--result", str(result), "--precision", precision]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                         "OMP_NUM_THREADS": str(threads)}
     print(f"== {LABELS[name]} ==", flush=True)
@@ -308,7 +313,8 @@ def _mark(ok: bool) -> str:
     return "✅" if ok else "❌"
 
 
-def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads: int) -> str:
+def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads: int,
+           precision: str) -> str:
     """The markdown section: figures per configuration, then each target checked."""
     names = list(results)
     rows = ["| | " + " | ".join(LABELS[n] for n in names) + " |",
@@ -351,11 +357,13 @@ def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads
     note = ("TRL 1.13 `DPOConfig` defaults read from the installed package: "
             + ", ".join(f"`{k}={v}`" for k, v in defaults.items()) + ". "
             if defaults else "")
-    return ("## Trainer vs TRL (issue 3)\n\n"
+    where = "fp32" if precision == "fp32" else "bf16 autocast (AMX) for both"
+    return (f"## Trainer vs TRL, {precision} (issue 3)\n\n"
             f"One LoRA DPO round, {n_pairs} synthetic pairs (the same for all), "
             f"{model}, LoRA r=16 alpha=32 on q/k/v/o/gate/up/down, batch 8, "
-            f"1 epoch, lr 5e-5 linear decay without warmup, beta 0.1, sigmoid loss, fp32 on "
-            f"this CPU, {threads} threads, max length {MAX_LENGTH}, no dropout; each "
+            f"1 epoch, lr 5e-5 linear decay without warmup, beta 0.1, sigmoid loss, {where} on "
+            f"this CPU, {threads} threads, max length {MAX_LENGTH}, no dropout; prefloop "
+            "with its defaults for the rest (forward/backward in micro-batches of 4 pairs); each "
             "configuration in its own process (peak RSS is that process's). TRL defaults: "
             "TRL's own settings for the rest (gradient checkpointing on, reference log-probs "
             "at every step); TRL best: gradient checkpointing off, "
@@ -372,6 +380,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every run")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                        help="both sides: fp32, or bf16 autocast (matmuls in bf16)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the results without writing docs/BENCHMARKS.md")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -379,7 +389,8 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.pairs_file, args.model.resolve(), args.threads, args.result)
+        child(args.child, args.pairs_file, args.model.resolve(), args.threads, args.result,
+              args.precision)
         return
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -392,14 +403,15 @@ def main() -> None:
         work = Path(tmp)
         pairs_file = work / "pairs.jsonl"
         pairs_file.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs)))
-        results = {name: spawn(name, pairs_file, args.model.resolve(), args.threads, work)
+        results = {name: spawn(name, pairs_file, args.model.resolve(), args.threads, work,
+                               args.precision)
                    for name in configs}
-    body = report(results, args.pairs, args.model.resolve().name, args.threads)
+    body = report(results, args.pairs, args.model.resolve().name, args.threads, args.precision)
     print("\n" + body)
     if args.dry_run:
         print("(dry run: docs/BENCHMARKS.md not written)")
     else:
-        write_section("trainer", body)
+        write_section("trainer" if args.precision == "fp32" else "trainer-bf16", body)
 
 
 if __name__ == "__main__":

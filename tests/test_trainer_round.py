@@ -298,3 +298,35 @@ def test_trainer_imports_neither_app_nor_serving() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.startswith(("prefloop.app", "prefloop.serving")), path.name
+
+
+def test_micro_batches_change_memory_not_maths(tiny_model: Path, tmp_path: Path) -> None:
+    whole = run_round(_config(tmp_path / "a", tiny_model, micro_batch=0, precision="fp32",
+                              lora_dropout=0.0, epochs=2), progress=False)
+    split = run_round(_config(tmp_path / "b", tiny_model, micro_batch=1, precision="fp32",
+                              lora_dropout=0.0, epochs=2), progress=False)
+    for a, b in zip(whole["steps"], split["steps"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert whole["held_out"]["after"]["margin"] == pytest.approx(
+        split["held_out"]["after"]["margin"], abs=1e-5)
+
+
+def test_chunks_keep_rows_paired_and_trim_padding() -> None:
+    pairs = [TokenizedPair([5, 6, 7, 8, 9, 10, 11], 2, [5, 6, 7], 2),
+             TokenizedPair([11, 12, 13], 1, [11, 12, 14], 2)]
+    batch = collate(pairs, [0, 1], pad_id=2)
+    first, second = batch.chunks(1)
+    assert first.index.tolist() == [0] and second.index.tolist() == [1]
+    assert first.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 2, 2, 2, 2]]
+    assert second.input_ids.tolist() == [[11, 12, 13], [11, 12, 14]]  # cut to its own width
+    assert first.tokens + second.tokens == batch.tokens
+    assert batch.chunks(0) == [batch] and batch.chunks(5) == [batch]
+
+
+def test_bf16_autocast_round(tiny_model: Path, tmp_path: Path) -> None:
+    metrics = run_round(_config(tmp_path, tiny_model, precision="bf16"), progress=False)
+    assert metrics["autocast"] == "bfloat16" and metrics["dtype"] == "float32"
+    assert metrics["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    fp32 = run_round(_config(tmp_path / "fp32", tiny_model, precision="fp32"), progress=False)
+    assert fp32["autocast"] is None

@@ -31,6 +31,22 @@ class Batch:
     def size(self) -> int:
         return len(self.index)
 
+    def chunks(self, size: int) -> list[Batch]:
+        """This batch as batches of at most ``size`` pairs (``size`` 0: itself), each cut to
+        its own longest row."""
+        if size <= 0 or size >= self.size:
+            return [self]
+        out = []
+        for start in range(0, self.size, size):
+            rows = torch.cat([torch.arange(start, min(start + size, self.size)),
+                              torch.arange(start, min(start + size, self.size)) + self.size])
+            mask = self.attention_mask[rows]
+            width = int(mask.sum(1).max())
+            out.append(Batch(self.index[start:start + size], self.input_ids[rows, :width],
+                             mask[:, :width], self.completion_mask[rows, :width],
+                             int(mask.sum())))
+        return out
+
     def to(self, device: torch.device) -> Batch:
         return Batch(self.index, self.input_ids.to(device), self.attention_mask.to(device),
                      self.completion_mask.to(device), self.tokens)
@@ -93,9 +109,10 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits (M, V) for hidden states (M, C).
 
     A bf16 logit near 20 is off by up to 0.06, about the size of the log-ratios DPO learns
-    from, so a plain linear head is applied in fp32 (a no-op cast on CPU, where all is fp32).
+    from, so a plain linear head is applied in fp32, also under bf16 autocast.
     """
-    if type(head) is torch.nn.Linear:
-        bias = None if head.bias is None else head.bias.float()
-        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
-    return head(hidden).float()  # e.g. a head wrapped by LoRA: let it apply its own forward
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 even inside autocast
+        if type(head) is torch.nn.Linear:
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+        return head(hidden.float()).float()  # e.g. a LoRA-wrapped head

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from prefloop.trainer.settings import DEFAULT_TARGET_MODULES, LOSSES, RoundConfig
+from prefloop.trainer.settings import DEFAULT_TARGET_MODULES, LOSSES, PRECISIONS, RoundConfig
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"  # folder name `prefloop model prepare` writes
 
@@ -57,6 +57,10 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
               help="Passes over the pairs.")
 @click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True,
               help="Pairs per forward.")
+@click.option("--micro-batch", type=int, default=_default("micro_batch"), show_default=True,
+              help="Pairs per forward/backward pass (less memory; 0: whole batch).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_default("precision"),
+              show_default=True, help="auto: bf16 autocast where the hardware has native bf16.")
 @click.option("--grad-accum", type=int, default=_default("grad_accum"), show_default=True,
               help="Forwards per optimizer step.")
 @click.option("--max-length", type=int, default=_default("max_length"), show_default=True,

@@ -62,7 +62,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     _check_paths(config)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    device, dtype = pick_device()
+    device, dtype, amp = pick_device(config.precision)
 
     tokenizer = AutoTokenizer.from_pretrained(str(config.model))
     pairs, data_stats = _load_pairs(config, tokenizer)
@@ -73,13 +73,19 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     model = load_policy(config, device, dtype)
     loaded = time.perf_counter()
 
-    ref = reference_logps(model, train_batches + val_batches, len(pairs), device, progress)
-    referenced = time.perf_counter()
-    held_out = {"before": evaluate(model, val_batches, ref, config, device)}
-    emit({"event": "eval", "when": "before", **(held_out["before"] or {})})
-    steps = train(model, train_batches, ref, config, device, rng, emit, progress)
-    held_out["after"] = evaluate(model, val_batches, ref, config, device)
-    emit({"event": "eval", "when": "after", **(held_out["after"] or {})})
+    # bf16 autocast (where the CPU or GPU multiplies bf16 natively) covers the reference and
+    # the policy alike, so at step 1 they still agree exactly and the loss is log 2. No cast
+    # cache: it would keep bf16 copies of the LoRA weights from before each optimizer step.
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None,
+                        cache_enabled=False):
+        ref = reference_logps(model, train_batches + val_batches, len(pairs), device,
+                              progress)
+        referenced = time.perf_counter()
+        held_out = {"before": evaluate(model, val_batches, ref, config, device)}
+        emit({"event": "eval", "when": "before", **(held_out["before"] or {})})
+        steps = train(model, train_batches, ref, config, device, rng, emit, progress)
+        held_out["after"] = evaluate(model, val_batches, ref, config, device)
+        emit({"event": "eval", "when": "after", **(held_out["after"] or {})})
     trained = time.perf_counter()
 
     train_seconds = sum(step["seconds"] for step in steps)
@@ -87,6 +93,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
         "config": {k: str(v) if isinstance(v, Path) else v
                    for k, v in dataclasses.asdict(config).items()},
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "autocast": str(amp).removeprefix("torch.") if amp else None,
         "pairs": {**data_stats, "train": len(train_index), "held_out": len(val_index)},
         "tokens": {"train": sum(step["tokens"] for step in steps),
                    "reference": sum(b.tokens for b in train_batches + val_batches)},
@@ -136,12 +143,26 @@ def split_indices(n: int, val_fraction: float, rng: random.Random) -> tuple[list
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in bf16 where the GPU has it; otherwise CPU in fp32 (bf16 matmuls are slow there)."""
+def pick_device(precision: str = "auto") -> tuple[torch.device, torch.dtype,
+                                                  torch.dtype | None]:
+    """Device, dtype of the weights, and autocast dtype (None: none).
+
+    CUDA: bf16 weights where the GPU has bf16. CPU: fp32 weights, with bf16 autocast where
+    the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow.
+    """
     if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32
-    return torch.device("cpu"), torch.float32
+        bf16 = torch.cuda.is_bf16_supported() and precision != "fp32"
+        return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32, None
+    bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+    return torch.device("cpu"), torch.float32, torch.bfloat16 if bf16 else None
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def load_policy(config: RoundConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
@@ -252,10 +273,11 @@ def _optimizer_step(model: PeftModel, params: list[torch.nn.Parameter],
     n = sum(batch.size for batch in group)
     total = Counter()
     for batch in group:
-        losses, sums = _pair_stats(model, batch, ref, config, device)
-        # The mean over all pairs of the step, whatever the sizes of its batches.
-        (losses.sum() / n).backward()
-        total.update(sums)
+        for chunk in batch.chunks(config.micro_batch):
+            losses, sums = _pair_stats(model, chunk, ref, config, device)
+            # The mean over all pairs of the step, whatever the sizes of its chunks.
+            (losses.sum() / n).backward()
+            total.update(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

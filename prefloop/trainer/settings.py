@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOSSES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
+# auto: bf16 autocast where the hardware does bf16 matmuls natively (CUDA with bf16, or a
+# CPU with AVX512-BF16/AMX), fp32 elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16")
 # Losses that read label_smoothing (the assumed probability that a label is flipped).
 SMOOTHED_LOSSES = ("cdpo", "robust")
 # Every linear layer of a Llama-style block; lm_head stays frozen (tied to the embeddings).
@@ -45,8 +48,13 @@ class RoundConfig:
     label_smoothing: float = 0.0
     lr: float = 1e-4
     epochs: int = 1
-    batch_size: int = 8  # pairs per forward (2x that many sequences)
-    grad_accum: int = 1  # forwards per optimizer step
+    batch_size: int = 8  # pairs per batch (2x that many sequences)
+    grad_accum: int = 1  # batches per optimizer step
+    # Pairs per forward/backward pass: a batch goes through in chunks of this many pairs, its
+    # gradients summed, so the activations kept for backward are those of one chunk (0: the
+    # whole batch at once). The maths of the step does not change.
+    micro_batch: int = 4
+    precision: str = "auto"
     max_length: int = 512  # tokens per sequence, prompt plus answer
     lora_r: int = 16
     lora_alpha: int = 32
@@ -69,6 +77,9 @@ class RoundConfig:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
+            (self.micro_batch >= 0, "micro_batch must be 0 (whole batch) or more"),
+            (self.precision in PRECISIONS,
+             f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.max_length >= 2, "max_length must be at least 2 tokens (try 512)"),
             (self.lora_r >= 1, "lora_r must be at least 1 (try 16)"),
             (self.lora_alpha > 0, "lora_alpha must be > 0 (try twice lora_r)"),
