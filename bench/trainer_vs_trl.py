@@ -363,7 +363,7 @@ def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads
             f"{model}, LoRA r=16 alpha=32 on q/k/v/o/gate/up/down, batch 8, "
             f"1 epoch, lr 5e-5 linear decay without warmup, beta 0.1, sigmoid loss, {where} on "
             f"this CPU, {threads} threads, max length {MAX_LENGTH}, no dropout; prefloop "
-            "with its defaults for the rest (forward/backward in micro-batches of 4 pairs); each "
+            "with its defaults for the rest (forward/backward in micro-batches of 2 pairs); each "
             "configuration in its own process (peak RSS is that process's). TRL defaults: "
             "TRL's own settings for the rest (gradient checkpointing on, reference log-probs "
             "at every step); TRL best: gradient checkpointing off, "
@@ -380,7 +380,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every run")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated subset of {', '.join(CONFIGS)}")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="both sides: fp32, or bf16 autocast (matmuls in bf16)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the results without writing docs/BENCHMARKS.md")

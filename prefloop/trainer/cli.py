@@ -60,7 +60,8 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 @click.option("--micro-batch", type=int, default=_default("micro_batch"), show_default=True,
               help="Pairs per forward/backward pass (less memory; 0: whole batch).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_default("precision"),
-              show_default=True, help="auto: bf16 autocast where the hardware has native bf16.")
+              show_default=True,
+              help="auto: bf16 on a GPU that has it, else fp32 (bf16 on CPU: autocast).")
 @click.option("--grad-accum", type=int, default=_default("grad_accum"), show_default=True,
               help="Forwards per optimizer step.")
 @click.option("--max-length", type=int, default=_default("max_length"), show_default=True,

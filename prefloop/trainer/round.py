@@ -147,14 +147,17 @@ def pick_device(precision: str = "auto") -> tuple[torch.device, torch.dtype,
                                                   torch.dtype | None]:
     """Device, dtype of the weights, and autocast dtype (None: none).
 
-    CUDA: bf16 weights where the GPU has bf16. CPU: fp32 weights, with bf16 autocast where
-    the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow.
+    CUDA: bf16 weights where the GPU has bf16. CPU: fp32, or with ``bf16`` fp32 weights under
+    bf16 autocast. Measured here (docs/BENCHMARKS.md), bf16 autocast on an AMX CPU made a step
+    1.4x faster but the loss fell about half as far per step, so ``auto`` stays in fp32.
     """
     if torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported() and precision != "fp32"
         return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32, None
-    bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
-    return torch.device("cpu"), torch.float32, torch.bfloat16 if bf16 else None
+    if precision == "bf16" and not cpu_has_native_bf16():
+        raise RoundError("--precision bf16 needs a CPU with AVX512-BF16 or AMX (or a GPU); "
+                         "use fp32")
+    return torch.device("cpu"), torch.float32, torch.bfloat16 if precision == "bf16" else None
 
 
 def cpu_has_native_bf16() -> bool:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOSSES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
-# auto: bf16 autocast where the hardware does bf16 matmuls natively (CUDA with bf16, or a
-# CPU with AVX512-BF16/AMX), fp32 elsewhere.
+# auto: bf16 on a GPU that has it, fp32 on a CPU; bf16 on a CPU means bf16 autocast (needs
+# AVX512-BF16 or AMX), faster per step but slower to learn here (see round.pick_device).
 PRECISIONS = ("auto", "fp32", "bf16")
 # Losses that read label_smoothing (the assumed probability that a label is flipped).
 SMOOTHED_LOSSES = ("cdpo", "robust")
@@ -53,7 +53,7 @@ class RoundConfig:
     # Pairs per forward/backward pass: a batch goes through in chunks of this many pairs, its
     # gradients summed, so the activations kept for backward are those of one chunk (0: the
     # whole batch at once). The maths of the step does not change.
-    micro_batch: int = 4
+    micro_batch: int = 2
     precision: str = "auto"
     max_length: int = 512  # tokens per sequence, prompt plus answer
     lora_r: int = 16
