@@ -159,22 +159,19 @@ def build_arena(handlers: ArenaHandlers) -> None:
     outputs = [state, chat, answer_a, answer_b, status, *disabled_until_vote, message, send,
                written]
 
-    def to_tuple(view: View) -> tuple[Any, ...]:
-        return view.updates()
-
     async def on_send(text: str, current: ArenaState | None):
         async for view in handlers.send(text, current):
-            yield to_tuple(view)
+            yield view.updates()
 
     for trigger in (send.click, message.submit):
         trigger(on_send, [message, state], outputs, concurrency_limit=None,
                 show_progress="hidden")
     for button, choice in ((better_a, "a"), (better_b, "b"), (tie, "tie"),
                            (both_bad, "both_bad")):
-        button.click(lambda current, c=choice: to_tuple(handlers.vote(c, current)), [state],
+        button.click(lambda current, c=choice: handlers.vote(c, current).updates(), [state],
                      outputs, concurrency_limit=None)
     submit_written.click(
-        lambda text, current: to_tuple(handlers.vote("written", current, text)),
+        lambda text, current: handlers.vote("written", current, text).updates(),
         [written, state], outputs, concurrency_limit=None)
-    new.click(lambda current: to_tuple(handlers.new_conversation(current)), [state], outputs)
+    new.click(lambda current: handlers.new_conversation(current).updates(), [state], outputs)
     assert len(outputs) == len(View(ArenaState(), []).updates())

@@ -112,9 +112,7 @@ class PairSampler:
         """
         seed = random.randrange(2**31 - 2) if seed is None else seed
         try:
-            messages, dropped = await self.prepare(history)
-        except ContextTooLong:
-            raise
+            messages, dropped = await self.prepare(history)  # may raise ContextTooLong
         except httpx.HTTPError as exc:
             raise SamplingError(f"the model server is not answering ({exc})") from exc
         same = policy_a == policy_b
