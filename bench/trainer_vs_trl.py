@@ -10,6 +10,12 @@ in a fresh Python process so that its peak RSS is its own:
   (gradient checkpointing on, reference log-probs computed at every step);
 - TRL best: gradient checkpointing off, reference log-probs precomputed.
 
+Every configuration takes the same batches in the same order: the pairs file is written in
+the order prefloop's trainer would batch them (pairs of similar length together, the batches
+shuffled), and each side reads it in file order (prefloop ``batch_order="file"``, TRL
+``train_sampling_strategy="sequential"``). So the losses of each step compare like for like,
+and both sides get the same, little, padding.
+
 Training seconds run from a loaded model to the last optimizer step: for prefloop the
 reference pass and the steps, for TRL the DPOTrainer constructor (tokenisation, and with
 precomputing the reference pass) plus ``train()``. Targets (issue 3): prefloop's pairs/s at
@@ -201,6 +207,21 @@ def make_pairs(n: int, seed: int = SEED) -> list[dict[str, Any]]:
     return rows
 
 
+def in_batch_order(rows: list[dict[str, Any]], model: Path) -> list[dict[str, Any]]:
+    """``rows`` in the order prefloop's trainer batches them: similar lengths together."""
+    from transformers import AutoTokenizer
+
+    from prefloop.trainer.batch import make_batches
+    from prefloop.trainer.data import parse_line
+    from prefloop.trainer.tokenize import tokenize_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    pairs, stats = tokenize_pairs(tokenizer, [parse_line(json.dumps(r)) for r in rows], MAX_LENGTH)
+    assert stats.pairs == len(rows), stats
+    batches = make_batches(pairs, range(len(pairs)), BATCH, random.Random(SEED), pad_id=0)
+    return [rows[i] for batch in batches for i in batch.index.tolist()]
+
+
 # --- the configurations, each run in its own process ---------------------------------------
 
 def run_prefloop(pairs_file: Path, model: Path, work: Path, threads: int,
@@ -218,7 +239,7 @@ def run_prefloop(pairs_file: Path, model: Path, work: Path, threads: int,
         epochs=EPOCHS, batch_size=BATCH, grad_accum=1, max_length=MAX_LENGTH, lora_r=LORA_R,
         lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=TARGETS,
         val_fraction=0.0, seed=SEED, warmup_ratio=0.0, max_grad_norm=1.0, threads=threads,
-        precision=precision)
+        precision=precision, batch_order="file")
     metrics = run_round(config, progress=True)
     pairs = metrics["pairs"]
     assert pairs["dropped"] == 0 and pairs["prompts_truncated"] == 0 \
@@ -253,6 +274,7 @@ def run_trl(pairs_file: Path, model: Path, work: Path, threads: int,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH, seed=SEED, use_cpu=True,
         bf16=precision == "bf16", logging_steps=1, report_to="none", save_strategy="no",
+        train_sampling_strategy="sequential",
         **({"gradient_checkpointing": False, "precompute_ref_log_probs": True} if best else {}))
     lora = LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA,
                       lora_dropout=LORA_DROPOUT, target_modules=list(TARGETS))
@@ -316,6 +338,9 @@ def _mark(ok: bool) -> str:
 def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads: int,
            precision: str) -> str:
     """The markdown section: figures per configuration, then each target checked."""
+    from prefloop.trainer.settings import RoundConfig
+
+    micro_batch = RoundConfig.micro_batch
     names = list(results)
     rows = ["| | " + " | ".join(LABELS[n] for n in names) + " |",
             "|---|" + "---|" * len(names)]
@@ -333,7 +358,6 @@ def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads
         r["mean"] = sum(r["losses"]) / len(r["losses"])
     row("loss at step 1", ".4f", "first")
     row(f"final loss (step {len(results[names[0]]['losses'])})", ".4f", "final")
-    # The batches differ (prefloop groups pairs by length), so one step's loss is noisy.
     row("mean loss over the steps", ".4f", "mean")
 
     checks = ["| check | value | target | |", "|---|---|---|---|"]
@@ -363,7 +387,9 @@ def report(results: dict[str, dict[str, Any]], n_pairs: int, model: str, threads
             f"{model}, LoRA r=16 alpha=32 on q/k/v/o/gate/up/down, batch 8, "
             f"1 epoch, lr 5e-5 linear decay without warmup, beta 0.1, sigmoid loss, {where} on "
             f"this CPU, {threads} threads, max length {MAX_LENGTH}, no dropout; prefloop "
-            "with its defaults for the rest (forward/backward in micro-batches of 2 pairs); each "
+            "with its defaults for the rest (forward/backward in micro-batches of "
+            f"{micro_batch} pairs); the same batches in the same order for all (prefloop's "
+            "length-grouped order, written into the pairs file); each "
             "configuration in its own process (peak RSS is that process's). TRL defaults: "
             "TRL's own settings for the rest (gradient checkpointing on, reference log-probs "
             "at every step); TRL best: gradient checkpointing off, "
@@ -402,7 +428,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prefloop-bench-trainer-") as tmp:
         work = Path(tmp)
         pairs_file = work / "pairs.jsonl"
-        pairs_file.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs)))
+        rows = in_batch_order(make_pairs(args.pairs), args.model.resolve())
+        pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         results = {name: spawn(name, pairs_file, args.model.resolve(), args.threads, work,
                                args.precision)
                    for name in configs}

@@ -92,7 +92,11 @@ def test_completion_logps_match_full_log_softmax(tiny_model: Path) -> None:
     pairs = [TokenizedPair([5, 6, 7, 8, 9], 2, [5, 6, 7, 10], 3),
              TokenizedPair([11, 12, 13], 1, [11, 12, 14, 15, 16, 17], 2)]
     batch = collate(pairs, [0, 1], pad_id=2)
-    assert batch.input_ids.shape == (4, 6) and batch.tokens == 5 + 3 + 4 + 6
+    # One row a pair: the shared prompt once, then both answers' own tokens.
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 10, 2],
+                                        [11, 12, 13, 12, 14, 15, 16, 17]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0], [0, 1, 2, 1, 2, 3, 4, 5]]
+    assert batch.tokens == 7 + 8
     with torch.no_grad():
         fast = completion_logps(model, batch)  # (4,)
         # The plain way: logits for every position, then log-softmax over the vocabulary.
@@ -318,9 +322,11 @@ def test_chunks_keep_rows_paired_and_trim_padding() -> None:
     batch = collate(pairs, [0, 1], pad_id=2)
     first, second = batch.chunks(1)
     assert first.index.tolist() == [0] and second.index.tolist() == [1]
-    assert first.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 2, 2, 2, 2]]
-    assert second.input_ids.tolist() == [[11, 12, 13], [11, 12, 14]]  # cut to its own width
+    assert first.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 7]]
+    assert second.input_ids.tolist() == [[11, 12, 13, 12, 14]]  # cut to its own width
     assert first.tokens + second.tokens == batch.tokens
+    assert sorted(first.slots.tolist()) == [0] * 5 + [1]  # chosen slot 0, rejected slot 1
+    assert sorted(second.slots.tolist()) == [0, 0, 1]
     assert batch.chunks(0) == [batch] and batch.chunks(5) == [batch]
 
 

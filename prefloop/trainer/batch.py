@@ -1,9 +1,13 @@
 """Batches of tokenised pairs and the log-probability of their answers under a model.
 
-A batch of B pairs is one tensor of 2B rows, chosen answers first, so that chosen and rejected
-go through the model in one forward. Only answer tokens are scored, and the language-model
-head runs on those positions alone: with a ~49k vocabulary, logits for every position of
-every row would be most of the memory and time of a step.
+A pair is one row: the prompt once, then the chosen answer, then the rejected answer. A
+4D attention mask lets the rejected answer see the prompt but not the chosen answer, and
+position ids restart the rejected answer where the prompt ends, so each answer is scored
+exactly as if it followed the prompt alone. The prompt, about 40% of the tokens in a typical
+pair, goes through the model once instead of twice, and the two answers pad nothing against
+each other. Only answer tokens are scored, and the language-model head runs on those
+positions alone: with a ~49k vocabulary, logits for every position of every row would be
+most of the memory and time of a step.
 """
 
 from __future__ import annotations
@@ -22,14 +26,36 @@ from prefloop.trainer.tokenize import TokenizedPair
 @dataclass(frozen=True)
 class Batch:
     index: torch.Tensor  # (B,) positions of the pairs in the round's list (reference look-up)
-    input_ids: torch.Tensor  # (2B, T) chosen rows then rejected rows, right-padded
-    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
-    completion_mask: torch.Tensor  # (2B, T) True on answer tokens, the ones scored
+    input_ids: torch.Tensor  # (B, T) shared prompt, chosen tail, rejected tail, padding
+    position_ids: torch.Tensor  # (B, T) the rejected tail restarts after the shared prompt
+    lengths: torch.Tensor  # (B,) real tokens of each row
+    # One entry per scored answer token (M of them): row, position that predicts it, the
+    # token, and its output slot (0..B-1 chosen answers, B..2B-1 rejected answers).
+    score_rows: torch.Tensor  # (M,)
+    score_cols: torch.Tensor  # (M,)
+    targets: torch.Tensor  # (M,)
+    slots: torch.Tensor  # (M,)
+    shared: torch.Tensor  # (B,) tokens of each row both answers see (the prompt)
+    chosen_end: torch.Tensor  # (B,) where each row's rejected tail starts
     tokens: int  # real (unpadded) tokens in the batch
 
     @property
     def size(self) -> int:
         return len(self.index)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where a query position may see a key position."""
+        width = self.input_ids.shape[1]
+        pos = torch.arange(width)
+        query, key = pos[:, None], pos[None, :]  # (T, 1), (1, T)
+        shared = self.shared[:, None, None]  # (B, 1, 1)
+        chosen_end = self.chosen_end[:, None, None]  # (B, 1, 1)
+        real = (query < self.lengths[:, None, None]) & (key <= query)  # causal, no padding
+        # A rejected token sees the prompt and the rejected tail, never the chosen tail.
+        hidden_chosen = (query >= chosen_end) & (key >= shared) & (key < chosen_end)
+        mask = (real & ~hidden_chosen) | (query == key)  # padding sees itself: no empty row
+        return mask[:, None]
 
     def chunks(self, size: int) -> list[Batch]:
         """This batch as batches of at most ``size`` pairs (``size`` 0: itself), each cut to
@@ -38,73 +64,117 @@ class Batch:
             return [self]
         out = []
         for start in range(0, self.size, size):
-            rows = torch.cat([torch.arange(start, min(start + size, self.size)),
-                              torch.arange(start, min(start + size, self.size)) + self.size])
-            mask = self.attention_mask[rows]
-            width = int(mask.sum(1).max())
-            out.append(Batch(self.index[start:start + size], self.input_ids[rows, :width],
-                             mask[:, :width], self.completion_mask[rows, :width],
-                             int(mask.sum())))
+            stop = min(start + size, self.size)
+            n = stop - start
+            keep = (self.score_rows >= start) & (self.score_rows < stop)
+            slots = self.slots[keep]
+            rejected = slots >= self.size
+            slots = torch.where(rejected, slots - self.size + n, slots) - start
+            width = int(self.lengths[start:stop].max())
+            out.append(Batch(self.index[start:stop], self.input_ids[start:stop, :width],
+                             self.position_ids[start:stop, :width], self.lengths[start:stop],
+                             self.score_rows[keep] - start, self.score_cols[keep],
+                             self.targets[keep], slots, self.shared[start:stop],
+                             self.chosen_end[start:stop],
+                             int(self.lengths[start:stop].sum())))
         return out
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.index, self.input_ids.to(device), self.attention_mask.to(device),
-                     self.completion_mask.to(device), self.tokens)
+        return Batch(self.index, self.input_ids.to(device), self.position_ids.to(device),
+                     self.lengths, self.score_rows.to(device), self.score_cols.to(device),
+                     self.targets.to(device), self.slots.to(device), self.shared,
+                     self.chosen_end, self.tokens)
+
+
+def shared_prefix(pair: TokenizedPair) -> int:
+    """Leading tokens both sequences have before either answer starts (the prompt)."""
+    limit = min(pair.chosen_start, pair.rejected_start)
+    n = 0
+    while n < limit and pair.chosen_ids[n] == pair.rejected_ids[n]:
+        n += 1
+    return n
+
+
+def row_length(pair: TokenizedPair) -> int:
+    return len(pair.chosen_ids) + len(pair.rejected_ids) - shared_prefix(pair)
 
 
 def collate(pairs: Sequence[TokenizedPair], index: Sequence[int], pad_id: int) -> Batch:
-    """Pad the pairs at ``index`` into one batch of 2B rows."""
-    rows = [(pairs[i].chosen_ids, pairs[i].chosen_start) for i in index]
-    rows += [(pairs[i].rejected_ids, pairs[i].rejected_start) for i in index]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, (ids, start) in enumerate(rows):
-        assert 0 < start < len(ids), "every row needs a prompt token and an answer token"
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        attention_mask[r, :len(ids)] = 1
-        completion_mask[r, start:len(ids)] = True
-    return Batch(torch.tensor(list(index)), input_ids, attention_mask, completion_mask,
-                 tokens=sum(len(ids) for ids, _ in rows))
+    """Lay out the pairs at ``index`` as one row each (see the module docstring)."""
+    chosen_slots, rejected_slots = [], []  # (row, col, target, slot) per scored token
+    rows, positions, shared_lens = [], [], []
+    size = len(index)
+    for r, i in enumerate(index):
+        pair = pairs[i]
+        assert 0 < pair.chosen_start < len(pair.chosen_ids) \
+            and 0 < pair.rejected_start < len(pair.rejected_ids), \
+            "every answer needs a prompt token before it and a token of its own"
+        shared = shared_prefix(pair)
+        chosen, rejected = pair.chosen_ids, pair.rejected_ids
+        tail = rejected[shared:]
+        rows.append(chosen + tail)
+        positions.append(list(range(len(chosen))) + list(range(shared, len(rejected))))
+        shared_lens.append(shared)
+        for t in range(pair.chosen_start, len(chosen)):  # token t predicted at t - 1
+            chosen_slots.append((r, t - 1, chosen[t], r))
+        for t in range(pair.rejected_start, len(rejected)):
+            col = t - 1 if t - 1 < shared else len(chosen) + (t - 1 - shared)
+            rejected_slots.append((r, col, rejected[t], size + r))
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((size, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((size, width), dtype=torch.long)
+    for r, (row, pos) in enumerate(zip(rows, positions, strict=True)):
+        input_ids[r, :len(row)] = torch.tensor(row)
+        position_ids[r, :len(pos)] = torch.tensor(pos)
+    scored = torch.tensor(chosen_slots + rejected_slots, dtype=torch.long)  # (M, 4)
+    lengths = torch.tensor([len(row) for row in rows])
+    return Batch(torch.tensor(list(index)), input_ids, position_ids, lengths,
+                 scored[:, 0], scored[:, 1], scored[:, 2], scored[:, 3],
+                 torch.tensor(shared_lens), torch.tensor([len(pairs[i].chosen_ids) for i in index]),
+                 tokens=int(lengths.sum()))
 
 
 def make_batches(pairs: Sequence[TokenizedPair], index: Sequence[int], batch_size: int,
-                 rng: random.Random, pad_id: int) -> list[Batch]:
-    """Batches of pairs of similar length (less padding), in random order.
+                 rng: random.Random, pad_id: int, order: str = "length") -> list[Batch]:
+    """Batches of pairs of similar length (less padding), in random order; or with
+    ``order="file"`` consecutive pairs of ``index`` as they come.
 
-    Pairs are sorted by length with random tie-breaks and cut into consecutive batches, so
-    each batch pads to nearly its own longest row.
+    Pairs are sorted by row length with random tie-breaks and cut into consecutive batches,
+    so each batch pads to nearly its own longest row.
     """
-    order = sorted(index, key=lambda i: (pairs[i].length, rng.random()))
-    batches = [collate(pairs, order[k:k + batch_size], pad_id)
-               for k in range(0, len(order), batch_size)]
+    if order == "file":
+        return [collate(pairs, index[k:k + batch_size], pad_id)
+                for k in range(0, len(index), batch_size)]
+    by_length = sorted(index, key=lambda i: (row_length(pairs[i]), rng.random()))
+    batches = [collate(pairs, by_length[k:k + batch_size], pad_id)
+               for k in range(0, len(by_length), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
 def completion_logps(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
-    """Sum of log p(answer token | everything before it) for each row: shape (2B,).
+    """Sum of log p(answer token | prompt and the answer before it) per answer: shape (2B,),
+    chosen answers first.
 
-    The backbone gives hidden states; the head is applied only where the next token is an
-    answer token, and log-softmax is taken as ``logit[target] - logsumexp(logits)`` on those
-    M rows only, so no (2B, T, V) tensor is ever built.
+    The backbone gives hidden states; the head is applied only at the M positions that
+    predict an answer token, and log-softmax is taken as ``logit[target] - logsumexp(logits)``
+    on those rows only, so no (B, T, V) tensor is ever built.
     """
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    hidden = causal_lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  use_cache=False).last_hidden_state  # (2B, T, C)
-    # Position t predicts token t + 1: score the positions right before each answer token.
-    rows, cols = batch.completion_mask[:, 1:].nonzero(as_tuple=True)  # (M,), (M,)
-    logits = _head_logits(causal_lm.get_output_embeddings(), hidden[rows, cols])  # (M, V)
+    device = batch.input_ids.device
+    hidden = causal_lm.base_model(input_ids=batch.input_ids,
+                                  attention_mask=batch.attention_mask.to(device),
+                                  position_ids=batch.position_ids,
+                                  use_cache=False).last_hidden_state  # (B, T, C)
+    logits = _head_logits(causal_lm.get_output_embeddings(),
+                          hidden[batch.score_rows, batch.score_cols])  # (M, V)
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if cap:  # models such as Gemma 2 squash logits inside their own forward
         logits = torch.tanh(logits / cap) * cap
-    targets = batch.input_ids[rows, cols + 1]  # (M,)
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (M,)
-    sums = torch.zeros(batch.input_ids.shape[0], device=token_logps.device)  # (2B,)
-    return sums.index_add(0, rows, token_logps)
-
-
+    token_logps = (logits.gather(-1, batch.targets[:, None]).squeeze(-1)
+                   - logits.logsumexp(-1))  # (M,)
+    sums = torch.zeros(2 * batch.size, device=token_logps.device)  # (2B,)
+    return sums.index_add(0, batch.slots, token_logps)
 def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits (M, V) for hidden states (M, C).
 

@@ -14,7 +14,13 @@ from typing import Any
 
 import click
 
-from prefloop.trainer.settings import DEFAULT_TARGET_MODULES, LOSSES, PRECISIONS, RoundConfig
+from prefloop.trainer.settings import (
+    BATCH_ORDERS,
+    DEFAULT_TARGET_MODULES,
+    LOSSES,
+    PRECISIONS,
+    RoundConfig,
+)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"  # folder name `prefloop model prepare` writes
 
@@ -59,6 +65,9 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
               help="Pairs per forward.")
 @click.option("--micro-batch", type=int, default=_default("micro_batch"), show_default=True,
               help="Pairs per forward/backward pass (less memory; 0: whole batch).")
+@click.option("--batch-order", type=click.Choice(BATCH_ORDERS),
+              default=_default("batch_order"), show_default=True,
+              help="length: similar lengths together, shuffled; file: the file's order.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_default("precision"),
               show_default=True,
               help="auto: bf16 on a GPU that has it, else fp32 (bf16 on CPU: autocast).")

@@ -68,7 +68,8 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     pairs, data_stats = _load_pairs(config, tokenizer)
     train_index, val_index = split_indices(len(pairs), config.val_fraction, rng)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_batches = make_batches(pairs, train_index, config.batch_size, rng, pad_id)
+    train_batches = make_batches(pairs, train_index, config.batch_size, rng, pad_id,
+                                 config.batch_order)
     val_batches = make_batches(pairs, val_index, config.batch_size, rng, pad_id)
     model = load_policy(config, device, dtype)
     loaded = time.perf_counter()
@@ -170,7 +171,9 @@ def cpu_has_native_bf16() -> bool:
 
 def load_policy(config: RoundConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
     """The base model wrapped with a trainable LoRA adapter (new, or warm-started)."""
-    model = AutoModelForCausalLM.from_pretrained(str(config.model), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(config.model), dtype=dtype,
+        attn_implementation="sdpa")  # takes the boolean 4D masks of batch.py as they are
     model.config.use_cache = False
     if config.init_adapter:
         # The adapter's own rank, alpha and target modules apply; training continues from it.
@@ -252,10 +255,11 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
     model.train()
     for epoch in range(config.epochs):
         order = list(batches)
-        rng.shuffle(order)
+        if config.batch_order == "length":
+            rng.shuffle(order)
         for k in range(0, len(order), config.grad_accum):
             group = order[k:k + config.grad_accum]
-            step = {"step": len(steps) + 1, "epoch": epoch + 1,
+            step = {"step": len(steps) + 1, "of": total, "epoch": epoch + 1,
                     "lr": scheduler.get_last_lr()[0]}
             step |= _optimizer_step(model, params, optimizer, group, ref, config, device)
             scheduler.step()

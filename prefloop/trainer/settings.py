@@ -12,6 +12,7 @@ LOSSES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 # auto: bf16 on a GPU that has it, fp32 on a CPU; bf16 on a CPU means bf16 autocast (needs
 # AVX512-BF16 or AMX), faster per step but slower to learn here (see round.pick_device).
 PRECISIONS = ("auto", "fp32", "bf16")
+BATCH_ORDERS = ("length", "file")
 # Losses that read label_smoothing (the assumed probability that a label is flipped).
 SMOOTHED_LOSSES = ("cdpo", "robust")
 # Every linear layer of a Llama-style block; lm_head stays frozen (tied to the embeddings).
@@ -53,7 +54,10 @@ class RoundConfig:
     # Pairs per forward/backward pass: a batch goes through in chunks of this many pairs, its
     # gradients summed, so the activations kept for backward are those of one chunk (0: the
     # whole batch at once). The maths of the step does not change.
-    micro_batch: int = 2
+    micro_batch: int = 4
+    # "length": batches of pairs of similar length (less padding), shuffled each epoch;
+    # "file": consecutive pairs in file order, every epoch the same (to replay a given order).
+    batch_order: str = "length"
     precision: str = "auto"
     max_length: int = 512  # tokens per sequence, prompt plus answer
     lora_r: int = 16
@@ -78,6 +82,8 @@ class RoundConfig:
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
             (self.micro_batch >= 0, "micro_batch must be 0 (whole batch) or more"),
+            (self.batch_order in BATCH_ORDERS,
+             f"batch_order must be one of {', '.join(BATCH_ORDERS)}"),
             (self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.max_length >= 2, "max_length must be at least 2 tokens (try 512)"),
