@@ -104,6 +104,8 @@ def status(settings: Settings, as_json: bool) -> None:
     if settings.db_path.exists():
         store = Store(settings.db_path)
         info["database"] = {"path": str(settings.db_path), **store.counts()}
+        info["loop"] = {"champion": store.champion(), "candidate": store.candidate(),
+                        "paused": store.get_state("paused") == "1"}
         store.close()
     else:
         info["database"] = {"path": str(settings.db_path), "exists": False}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class Settings:
                                   lo=128, hi=1_048_576)
     lora_max_rank: int = _setting(16, "Largest LoRA rank vLLM accepts.", lo=1, hi=512)
     lora_slots: int = _setting(4, "Adapters vLLM keeps loaded at once.", lo=1, hi=64)
+    adapter_prefix: str = _setting("prefloop", "vLLM serves adapter vNNNN as PREFIX-vNNNN; "
+                                               "give each prefloop sharing one vLLM its own.")
     temperature: float = _setting(0.8, "Sampling temperature.", lo=0.0, hi=2.0)
     top_p: float = _setting(0.95, "Nucleus sampling threshold.", lo=0.01, hi=1.0)
     max_tokens: int = _setting(128, "Most tokens in one answer.", lo=1, hi=32768)
@@ -69,6 +72,39 @@ class Settings:
     max_answer_chars: int = _setting(8000, "Most characters in a written better answer.",
                                      lo=1, hi=1_000_000)
     max_turns: int = _setting(50, "Most user turns in one conversation.", lo=1, hi=10_000)
+    # -- the online loop -------------------------------------------------------------------
+    train_every: float = _setting(10.0, "Minutes between checks for a training round.",
+                                  lo=0.05, hi=10_080)
+    min_new_pairs: int = _setting(32, "New trainable votes needed before a scheduled round.",
+                                  lo=1, hi=1_000_000)
+    max_pairs_per_round: int = _setting(512, "Most pairs one round trains on (new + replay).",
+                                        lo=1, hi=1_000_000)
+    replay_ratio: float = _setting(1.0, "Older pairs replayed per new pair in a round.",
+                                   lo=0.0, hi=100.0)
+    duel_share: float = _setting(0.5, "Share of new turns that duel candidate vs champion "
+                                      "while a candidate exists.", lo=0.0, hi=1.0)
+    baseline_share: float = _setting(0.1, "Share of new turns that duel the champion against "
+                                          "base.", lo=0.0, hi=1.0)
+    promote: str = _setting("duel", "duel: promote a candidate that wins its duels; immediate: "
+                                    "every new adapter becomes champion.",
+                            choices=("duel", "immediate"))
+    promote_min_votes: int = _setting(20, "Duel votes a candidate needs before promotion.",
+                                      lo=1, hi=1_000_000)
+    promote_winrate: float = _setting(0.55, "Win-rate against the champion needed to promote "
+                                            "(ties count half).", lo=0.0, hi=1.0)
+    max_duel_votes: int = _setting(60, "Duel votes after which a candidate that has not won "
+                                       "is rejected.", lo=1, hi=1_000_000)
+    train_lr: float = _setting(1e-4, "Learning rate of a round.", lo=1e-8, hi=1.0)
+    train_beta: float = _setting(0.1, "DPO beta of a round.", lo=1e-4, hi=100.0)
+    train_epochs: int = _setting(2, "Passes over a round's pairs.", lo=1, hi=100)
+    train_loss: str = _setting("sigmoid", "DPO loss of a round.",
+                               choices=("sigmoid", "cdpo", "ipo", "hinge", "robust"))
+    trainer_threads: int = _setting(1, "CPU threads of the trainer (0: one per core).",
+                                    lo=0, hi=1024)
+    trainer_timeout: float = _setting(3600.0, "Seconds a round may train before it is "
+                                              "stopped and failed.", lo=1, hi=7 * 86400)
+    rating_resamples: int = _setting(100, "Bootstrap resamples of the rating intervals.",
+                                     lo=0, hi=100_000)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -76,6 +112,15 @@ class Settings:
         if self.max_tokens >= self.max_model_len:
             raise ConfigError(f"max_tokens ({self.max_tokens}) must be smaller than "
                               f"max_model_len ({self.max_model_len})")
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,40}", self.adapter_prefix):
+            raise ConfigError("adapter_prefix: 1 to 40 letters, digits or underscores, got "
+                              f"{self.adapter_prefix!r}")
+        if self.duel_share + self.baseline_share > 1:
+            raise ConfigError(f"duel_share ({self.duel_share}) + baseline_share "
+                              f"({self.baseline_share}) must be at most 1")
+        if self.max_duel_votes < self.promote_min_votes:
+            raise ConfigError(f"max_duel_votes ({self.max_duel_votes}) must be at least "
+                              f"promote_min_votes ({self.promote_min_votes})")
         if self.lora_max_rank not in LORA_RANKS:
             raise ConfigError(f"lora_max_rank: must be one of {', '.join(map(str, LORA_RANKS))} "
                               f"(vLLM's allowed ranks), got {self.lora_max_rank}")
@@ -98,6 +143,16 @@ class Settings:
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+ADMIN_PASSWORD_ENV = ENV_PREFIX + "ADMIN_PASSWORD"
+
+
+def admin_password(env: Mapping[str, str] | None = None) -> str | None:
+    """The admin password, from the environment only (never a flag or a file, so it stays out
+    of process lists and config backups); None or empty: admin is off."""
+    env = os.environ if env is None else env
+    return env.get(ADMIN_PASSWORD_ENV) or None
 
 
 def setting_fields() -> tuple[dataclasses.Field, ...]:
@@ -221,7 +276,7 @@ def load_settings(config_file: Path | None = None, env: Mapping[str, str] | None
             values[key] = _coerce(fields[key], value, f"{config_file}: {key}")
 
     known_env = {env_name(name) for name in fields} | {ENV_PREFIX + "CONFIG",
-                                                       ENV_PREFIX + "ADMIN_PASSWORD"}
+                                                       ADMIN_PASSWORD_ENV}
     for var, text in env.items():
         if not var.startswith(ENV_PREFIX):
             continue

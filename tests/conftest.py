@@ -60,6 +60,8 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "serve.log"
         data_dir.mkdir(parents=True, exist_ok=True)
+        if "--vllm-url" in args:  # adapters of servers sharing one vLLM need their own names
+            args = [*args, "--adapter-prefix", f"s{self.port}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "prefloop", "serve", "--data-dir", str(data_dir),
@@ -97,10 +99,12 @@ class ServeProcess:
 
 
 @pytest.fixture(scope="session")
-def external_args(vllm_server) -> list[str]:
-    """CLI flags that point ``prefloop serve`` at the session's vLLM server."""
+def external_args(vllm_server, embedded_model: Path) -> list[str]:
+    """CLI flags that point ``prefloop serve`` at the session's vLLM server (and at the
+    converted base model, which its trainer needs)."""
     endpoint = vllm_server.endpoint
-    return ["--vllm-url", endpoint.url, "--vllm-api-key", endpoint.api_key]
+    return ["--vllm-url", endpoint.url, "--vllm-api-key", endpoint.api_key,
+            "--model", str(embedded_model)]
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,8 @@ def test_pair_then_vote_then_next_turn(served):
     second = new_pair(served, "And at night?", pair["conversation_id"])
     assert second["conversation_id"] == pair["conversation_id"]
     assert vote(served, {"pair_id": second["pair_id"], "answer": "Dark blue."}).json() == {
-        "pair_id": second["pair_id"], "choice": "written", "stored": True}
+        "pair_id": second["pair_id"], "choice": "written", "stored": True, "kind": "sample",
+        "policy_a": "base", "policy_b": "base", "decision": None}
 
 
 def test_second_vote_is_409_and_changes_nothing(served):

@@ -158,7 +158,9 @@ def test_status_json_counts_the_database(tmp_path: Path, free_port: int) -> None
     assert result.exit_code == 0, result.output
     database = json.loads(result.output)["database"]
     assert database == {"path": str(tmp_path / "prefloop.db"), "conversations": 1,
-                        "messages": 2, "pairs": 1, "votes": 1}
+                        "messages": 2, "pairs": 1, "votes": 1, "rounds": 0, "adapters": 0}
+    assert json.loads(result.output)["loop"] == {"champion": "base", "candidate": None,
+                                                 "paused": False}
 
 
 def test_status_text(tmp_path: Path, free_port: int) -> None:

@@ -66,7 +66,8 @@ def test_unknown_ids_raise_not_found(store: Store) -> None:
         store.vote("nope", "a")
     with pytest.raises(NotFound):
         store.add_pair("nope", USER_TURN, A, B)
-    assert store.counts() == {"conversations": 0, "messages": 0, "pairs": 0, "votes": 0}
+    assert store.counts() == {"conversations": 0, "messages": 0, "pairs": 0, "votes": 0,
+                              "rounds": 0, "adapters": 0}
 
 
 # -- pairs -------------------------------------------------------------------------------------
@@ -310,7 +311,8 @@ def test_in_memory_store_works() -> None:
     conversation_id, pair_id = start_turn(memory)
     memory.vote(pair_id, "a")
     assert memory.messages(conversation_id)[-1]["content"] == "Answer A"
-    assert memory.counts() == {"conversations": 1, "messages": 2, "pairs": 1, "votes": 1}
+    assert memory.counts() == {"conversations": 1, "messages": 2, "pairs": 1, "votes": 1,
+                              "rounds": 0, "adapters": 0}
     memory.check()
     memory.close()
 
@@ -363,5 +365,58 @@ def test_counts_and_check(store: Store) -> None:
     """counts() reports each table's rows; check() passes on a healthy database."""
     _, pair_id = start_turn(store)
     store.vote(pair_id, "a")
-    assert store.counts() == {"conversations": 1, "messages": 2, "pairs": 1, "votes": 1}
+    assert store.counts() == {"conversations": 1, "messages": 2, "pairs": 1, "votes": 1,
+                              "rounds": 0, "adapters": 0}
     store.check()
+
+
+# -- rounds, adapters and the champion ---------------------------------------------------------
+
+
+def test_one_running_round_at_a_time_and_crash_recovery(store: Store) -> None:
+    first = store.start_round("schedule")
+    with pytest.raises(Conflict, match=f"round {first} is running"):
+        store.start_round("admin")
+    store.update_round(first, progress={"step": 2, "of": 8})
+    assert store.round(first)["progress"] == {"step": 2, "of": 8}
+    assert store.round(first)["ended_at"] is None
+    assert store.fail_running_rounds("crashed") == [first]
+    row = store.round(first)
+    assert row["status"] == "failed" and row["error"] == "crashed" and row["ended_at"]
+    second = store.start_round("admin")  # free again
+    store.update_round(second, status="succeeded", votes_until=7, metrics={"steps": []})
+    assert store.round(second)["metrics"] == {"steps": []}
+    assert store.last_trained_vote() == 7
+    assert [r["id"] for r in store.rounds()] == [second, first]
+    with pytest.raises(NotFound):
+        store.round(99)
+
+
+def test_trainable_votes_counted_after_a_cutoff(store: Store) -> None:
+    for choice in ("a", "tie", "b", "both_bad"):
+        _, pair_id = start_turn(store)
+        store.vote(pair_id, choice)
+    _, pair_id = start_turn(store)
+    store.vote(pair_id, "written", "Mine.")
+    assert store.count_trainable() == 3  # a, b, written
+    rows = list(store.trainable_pairs())
+    assert [r["choice"] for r in rows] == ["a", "b", "written"]
+    assert store.count_trainable(rows[0]["vote_rowid"]) == 2
+    assert store.votes_by_choice() == {"a": 1, "b": 1, "tie": 1, "both_bad": 1, "written": 1}
+
+
+def test_crown_retires_the_old_champion(store: Store, tmp_path: Path) -> None:
+    assert store.champion() == "base" and store.candidate() is None
+    store.add_adapter("v0001", tmp_path, None, "base")
+    store.add_adapter("v0002", tmp_path, None, "v0001")
+    assert store.candidate() == "v0002" and store.candidate_other_than("v0002") == ["v0001"]
+    assert store.crown("v0001", "admin") == "base"
+    assert store.adapter("v0001")["state"] == "champion"
+    assert store.crown("v0002", "won") == "v0001"
+    assert store.adapter("v0001")["state"] == "retired"
+    assert store.adapter("v0001")["reason"] == "won"
+    assert store.crown("base", "rollback") == "v0002"
+    assert store.champion() == "base" and store.adapter("v0002")["state"] == "retired"
+    with pytest.raises(NotFound):
+        store.crown("v0009", "nope")
+    assert store.champion() == "base"

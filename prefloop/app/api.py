@@ -26,13 +26,15 @@ class PairRequest(BaseModel):
 
 class AnswerOut(BaseModel):
     text: str
-    policy: str
+    policy: str | None = Field(description="Who wrote it; null in a duel until the vote.")
     finish_reason: str | None
 
 
 class PairResponse(BaseModel):
     pair_id: str
     conversation_id: str
+    kind: Literal["sample", "duel"] = Field(
+        description="sample: both answers from the current model; duel: two models.")
     a: AnswerOut
     b: AnswerOut
     dropped_messages: int = Field(
@@ -51,6 +53,11 @@ class VoteResponse(BaseModel):
     pair_id: str
     choice: str
     stored: bool = True
+    kind: str
+    policy_a: str = Field(description="Who wrote answer A (revealed after the vote).")
+    policy_b: str
+    decision: str | None = Field(
+        None, description="'promote' or 'reject' when this vote decided a candidate.")
 
 
 class ErrorResponse(BaseModel):
@@ -69,11 +76,12 @@ def api_router(service: ChatService) -> APIRouter:
         """Two answers to `message`, stored as a pair that awaits one vote."""
         turn = await service.turn(body.message, body.conversation_id, seed=body.seed)
         progress = turn.progress
+        hidden = turn.kind == "duel"
         return PairResponse(
-            pair_id=turn.pair_id, conversation_id=turn.conversation_id,
-            a=AnswerOut(text=progress.a.text, policy=progress.a.policy,
+            pair_id=turn.pair_id, conversation_id=turn.conversation_id, kind=turn.kind,
+            a=AnswerOut(text=progress.a.text, policy=None if hidden else progress.a.policy,
                         finish_reason=progress.a.finish_reason),
-            b=AnswerOut(text=progress.b.text, policy=progress.b.policy,
+            b=AnswerOut(text=progress.b.text, policy=None if hidden else progress.b.policy,
                         finish_reason=progress.b.finish_reason),
             dropped_messages=progress.dropped_messages)
 
@@ -81,7 +89,9 @@ def api_router(service: ChatService) -> APIRouter:
     def create_vote(body: VoteRequest) -> VoteResponse:
         """Record the vote on a pair. A 200 reply means it is on disk."""
         row = service.vote(body.pair_id, body.choice, body.answer)
-        return VoteResponse(pair_id=row["pair_id"], choice=row["choice"])
+        return VoteResponse(pair_id=row["pair_id"], choice=row["choice"], kind=row["kind"],
+                            policy_a=row["policy_a"], policy_b=row["policy_b"],
+                            decision=row["decision"])
 
     return router
 

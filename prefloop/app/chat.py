@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from prefloop.config import Settings
+from prefloop.loop.controller import Loop
+from prefloop.loop.duels import TurnPlan
 from prefloop.serving.sampler import PairProgress, PairSampler
 from prefloop.storage.store import CHOICES, Answer, Conflict, Store
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -21,6 +27,7 @@ class Turn:
 
     conversation_id: str | None
     progress: PairProgress
+    kind: str = "sample"  # "duel": two policies, named to the voter only after the vote
     pair_id: str | None = None  # set on the last snapshot, once the pair is stored
 
 
@@ -41,10 +48,12 @@ def clean_text(text: object, what: str, limit: int) -> str:
 class ChatService:
     """Conversations in the arena: each user turn gets two answers and one vote."""
 
-    def __init__(self, settings: Settings, store: Store, sampler: PairSampler) -> None:
+    def __init__(self, settings: Settings, store: Store, sampler: PairSampler,
+                 loop: Loop | None = None) -> None:
         self.settings = settings
         self.store = store
         self.sampler = sampler
+        self.loop = loop  # None: every turn is two samples from base
 
     def check_turn(self, message: object, conversation_id: str | None) -> str:
         """Validate a new user turn before any work is done; returns the message."""
@@ -69,10 +78,13 @@ class ChatService:
         text = self.check_turn(message, conversation_id)
         history = self.store.messages(conversation_id) if conversation_id else []
         history.append({"role": "user", "content": text})
+        plan = self.loop.plan_turn() if self.loop else TurnPlan("sample", "base", "base")
         final: PairProgress | None = None
-        async for progress in self.sampler.stream(history, seed=seed):
-            final = progress
-            yield Turn(conversation_id, progress)
+        with self.loop.pool.using(plan.policy_a, plan.policy_b) if self.loop else nullcontext():
+            async for progress in self.sampler.stream(history, plan.policy_a, plan.policy_b,
+                                                      seed=seed):
+                final = progress
+                yield Turn(conversation_id, progress, plan.kind)
         assert final is not None and final.done
         if conversation_id is None:
             conversation_id = self.store.create_conversation(client_id)
@@ -85,10 +97,10 @@ class ChatService:
             Answer(final.a.policy, final.a.text, final.a.seed, final.a.finish_reason,
                    final.a.tokens),
             Answer(final.b.policy, final.b.text, final.b.seed, final.b.finish_reason,
-                   final.b.tokens),
+                   final.b.tokens), kind=plan.kind,
             dropped_messages=final.dropped_messages, sampling=self.sampler.sampling.as_dict(),
             first_token_ms=final.first_token_ms, total_ms=final.total_ms)
-        yield Turn(conversation_id, final, pair_id)
+        yield Turn(conversation_id, final, plan.kind, pair_id)
 
     async def turn(self, message: object, conversation_id: str | None = None,
                    client_id: str | None = None, seed: int | None = None) -> Turn:
@@ -112,4 +124,14 @@ class ChatService:
             raise InputError(f"choice must be one of {', '.join(CHOICES)}")
         if choice == "written" and answer is None:
             raise InputError("choice 'written' needs the answer text")
-        return self.store.vote(pair_id, choice, answer, client_id)
+        row = self.store.vote(pair_id, choice, answer, client_id)
+        pair = self.store.pair(pair_id)
+        decision = None
+        if self.loop is not None:
+            try:
+                decision = self.loop.after_vote(pair)
+            except Exception:  # the vote is stored; a promotion check must not undo that
+                log.exception("promotion check after the vote on %s failed", pair_id)
+        # The policies behind the answers, revealed now that the vote is in.
+        return {**row, "kind": pair["kind"], "policy_a": pair["policy_a"],
+                "policy_b": pair["policy_b"], "decision": decision}

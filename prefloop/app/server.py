@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import httpx
@@ -16,7 +17,11 @@ from fastapi import FastAPI
 from prefloop.app.api import api_router, health_router, install_error_handlers
 from prefloop.app.arena import ArenaHandlers, build_arena
 from prefloop.app.chat import ChatService
-from prefloop.config import Settings
+from prefloop.app.loop_api import loop_routers
+from prefloop.app.loop_tabs import build_loop_tabs
+from prefloop.config import Settings, admin_password
+from prefloop.loop.controller import Loop
+from prefloop.serving.adapters import AdapterPool
 from prefloop.serving.models import prepare_model
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.serving.vllm_server import Endpoint, VLLMServer
@@ -29,19 +34,23 @@ Chat with the model. Every turn shows **two answers**: pick the better one (or c
 say both are bad, or write a better answer). Your votes teach the model."""
 
 
-def build_page(service: ChatService) -> gr.Blocks:
+def build_page(service: ChatService, admin_password: str | None = None) -> gr.Blocks:
     with gr.Blocks(title="prefloop") as page:
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("Arena", id="arena"):
                 build_arena(ArenaHandlers(service))
+            if service.loop is not None:
+                build_loop_tabs(service.loop, admin_password)
     page.queue(default_concurrency_limit=None)
     return page
 
 
-def create_app(settings: Settings, store: Store, sampler: PairSampler) -> FastAPI:
-    """The whole web app over an open store and a sampler; starts nothing itself."""
-    service = ChatService(settings, store, sampler)
+def create_app(settings: Settings, store: Store, sampler: PairSampler,
+               loop: Loop | None = None, admin_password: str | None = None) -> FastAPI:
+    """The whole web app over an open store and a sampler (and the loop, if it runs);
+    starts nothing itself."""
+    service = ChatService(settings, store, sampler, loop)
     health = httpx.AsyncClient(timeout=2.0)
 
     async def checks() -> dict[str, bool]:
@@ -68,8 +77,12 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler) -> FastAP
     install_error_handlers(app)
     app.include_router(api_router(service))
     app.include_router(health_router(checks))
+    if loop is not None:
+        for router in loop_routers(loop, admin_password):
+            app.include_router(router)
     app.state.service = service
-    return gr.mount_gradio_app(app, build_page(service), path="/", show_error=False)
+    return gr.mount_gradio_app(app, build_page(service, admin_password), path="/",
+                               show_error=False)
 
 
 @dataclass
@@ -79,32 +92,53 @@ class Runtime:
     store: Store
     endpoint: Endpoint
     vllm: VLLMServer | None
+    loop: Loop
 
     def close(self) -> None:
+        self.loop.stop()
         if self.vllm is not None:
             self.vllm.stop()
+        self.loop.pool.close()
         self.store.close()
 
 
 def start_runtime(settings: Settings, progress: Callable[[str], None] = print) -> Runtime:
-    """Open the store and start (or connect to) vLLM. Call from the main thread."""
+    """Open the store, start (or connect to) vLLM, then the loop. Call from the main thread.
+
+    The base model is prepared locally in both cases: the trainer needs its files.
+    """
     store = Store(settings.db_path)
-    if settings.vllm_url:
-        return Runtime(store, Endpoint(settings.vllm_url, settings.vllm_api_key or "none"),
-                       None)
+    vllm = None
     try:
         model_path = prepare_model(settings.model, settings.models_dir, progress)
-        vllm = VLLMServer(model_path, settings.logs_dir, port=settings.vllm_port,
-                          memory_fraction=settings.vllm_memory_fraction,
-                          max_model_len=settings.max_model_len,
-                          lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots,
-                          start_timeout=settings.vllm_start_timeout)
-        progress(f"starting vLLM (log: {vllm.log_path})")
-        endpoint = vllm.start()
+        if settings.vllm_url:
+            endpoint = Endpoint(settings.vllm_url, settings.vllm_api_key or "none")
+            # An outside server loaded the model from its own path: do not compare paths.
+            pool = AdapterPool(endpoint, None, settings.lora_max_rank, settings.adapter_prefix)
+        else:
+            vllm = _vllm_server(settings, model_path)
+            progress(f"starting vLLM (log: {vllm.log_path})")
+            endpoint = vllm.start()
+            pool = AdapterPool(endpoint, model_path, settings.lora_max_rank,
+                               settings.adapter_prefix)
+        loop = Loop(settings, store, pool, model_path)
+        if vllm is not None:
+            vllm.on_restart.append(loop.reload_adapters)  # vLLM forgot its adapters
+        loop.start()
     except BaseException:
+        if vllm is not None:
+            vllm.stop()
         store.close()
         raise
-    return Runtime(store, endpoint, vllm)
+    return Runtime(store, endpoint, vllm, loop)
+
+
+def _vllm_server(settings: Settings, model_path: Path) -> VLLMServer:
+    return VLLMServer(model_path, settings.logs_dir, port=settings.vllm_port,
+                      memory_fraction=settings.vllm_memory_fraction,
+                      max_model_len=settings.max_model_len,
+                      lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots,
+                      start_timeout=settings.vllm_start_timeout)
 
 
 def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
@@ -117,8 +151,9 @@ def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
         sampler = PairSampler(
             runtime.endpoint, max_model_len=settings.max_model_len,
             system_prompt=settings.system_prompt,
-            sampling=Sampling(settings.temperature, settings.top_p, settings.max_tokens))
-        app = create_app(settings, runtime.store, sampler)
+            sampling=Sampling(settings.temperature, settings.top_p, settings.max_tokens),
+            model_name=runtime.loop.pool.served_name)
+        app = create_app(settings, runtime.store, sampler, runtime.loop, admin_password())
         progress(f"prefloop is up: http://{settings.host}:{settings.port}")
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ import httpx
 import openai
 from openai import AsyncOpenAI
 
+from prefloop.serving.adapters import served_name
 from prefloop.serving.context import ContextTooLong, Messages, fit_context
 from prefloop.serving.vllm_server import Endpoint
 
@@ -73,8 +74,10 @@ class PairSampler:
     """Samples answer pairs from an OpenAI-compatible server (vLLM)."""
 
     def __init__(self, endpoint: Endpoint, *, sampling: Sampling, max_model_len: int,
-                 system_prompt: str = "", request_timeout: float = 300.0) -> None:
+                 system_prompt: str = "", request_timeout: float = 300.0,
+                 model_name: Callable[[str], str] = served_name) -> None:
         self.endpoint = endpoint
+        self.model_name = model_name  # policy -> the name vLLM serves it under
         self.sampling = sampling
         self.max_model_len = max_model_len
         self.system_prompt = system_prompt
@@ -155,7 +158,7 @@ class PairSampler:
                           sides: list[Side], progress: PairProgress,
                           updates: asyncio.Queue[object]) -> None:
         stream = await self.client.chat.completions.create(
-            model=policy, messages=messages, n=n, seed=seed, stream=True,
+            model=self.model_name(policy), messages=messages, n=n, seed=seed, stream=True,
             temperature=self.sampling.temperature, top_p=self.sampling.top_p,
             max_tokens=self.sampling.max_tokens,
             extra_body={"return_token_ids": True})

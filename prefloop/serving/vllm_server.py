@@ -53,7 +53,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the parent thread exits."""
     os.setsid()
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -189,7 +189,7 @@ class VLLMServer:
             logfile.flush()
             self._proc = subprocess.Popen(
                 self.command(), stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
             logfile.close()
             self.pid_path.write_text(f"{self._proc.pid}\n")
         self._wait_healthy(self._proc)

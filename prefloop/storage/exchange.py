@@ -34,15 +34,21 @@ class Preference:
 def preferences(store: Store, since: str | None = None) -> Iterator[Preference]:
     """The stored votes as preferences, oldest vote first."""
     for row in store.voted_pairs(since):
-        prompt, a, b = row["context"], row["text_a"], row["text_b"]
-        if row["choice"] == "a":
-            yield Preference(prompt, a, b)
-        elif row["choice"] == "b":
-            yield Preference(prompt, b, a)
-        elif row["choice"] == "written":
-            for shown in dict.fromkeys((a, b)):  # both, once each if they are equal
-                if shown != row["answer"]:
-                    yield Preference(prompt, row["answer"], shown)
+        yield from pair_preferences(row)
+
+
+def pair_preferences(row: dict) -> Iterator[Preference]:
+    """The preferences one voted pair gives (a row of :meth:`Store.voted_pairs`): one for a
+    decisive vote, one per shown answer for a written answer, none for a tie or both-bad."""
+    prompt, a, b = row["context"], row["text_a"], row["text_b"]
+    if row["choice"] == "a":
+        yield Preference(prompt, a, b)
+    elif row["choice"] == "b":
+        yield Preference(prompt, b, a)
+    elif row["choice"] == "written":
+        for shown in dict.fromkeys((a, b)):  # both, once each if they are equal
+            if shown != row["answer"]:
+                yield Preference(prompt, row["answer"], shown)
 
 
 def to_trl(pref: Preference) -> dict:

@@ -54,3 +54,33 @@ def m002_pair_fingerprints(db: Database) -> None:
     # same file twice adds nothing. NULL for pairs sampled here (NULLs never collide).
     db["pairs"].add_column("fingerprint", str)
     db["pairs"].create_index(["fingerprint"], unique=True)
+
+
+@migrations()
+def m003_adapters_rounds_loop(db: Database) -> None:
+    # One row per training round, whatever became of it.
+    db["rounds"].create(
+        {"id": int, "trigger": str,       # schedule | admin | simulate
+         "status": str,                   # running | succeeded | failed | skipped
+         "started_at": str, "ended_at": str,
+         "pairs": int,                    # pairs in the snapshot the trainer got
+         "new_pairs": int,                # of them, from votes since the last good round
+         "votes_until": int,              # highest votes.rowid in the snapshot
+         "parent": str,                   # policy the adapter was warm-started from
+         "adapter": str, "metrics": str,  # JSON: the trainer's metrics.json
+         "progress": str,                 # JSON: the trainer's last step event, while running
+         "error": str},
+        pk="id",
+        not_null={"trigger", "status", "started_at"},
+    )
+    # Adapter versions: candidate -> champion -> retired, or candidate -> rejected.
+    db["adapters"].create(
+        {"name": str, "state": str, "path": str, "round_id": int, "parent": str,
+         "created_at": str, "state_at": str, "reason": str},
+        pk="name",
+        foreign_keys=[("round_id", "rounds", "id")],
+        not_null={"state", "path", "created_at"},
+    )
+    # Small loop settings that must survive a restart: champion, paused.
+    db["loop_state"].create({"key": str, "value": str}, pk="key")
+    db["pairs"].create_index(["kind"])

@@ -255,26 +255,195 @@ class Store:
 
     def voted_pairs(self, since: str | None = None) -> Iterator[dict[str, Any]]:
         """Pairs joined with their votes, oldest vote first."""
-        sql = ("select p.*, v.choice, v.answer, v.created_at as voted_at from pairs p "
-               "join votes v on v.pair_id = p.id")
-        params: list[Any] = []
-        if since is not None:
-            sql += " where v.created_at >= ?"
-            params.append(since)
+        yield from self._voted_pairs("v.created_at >= ?" if since else "1",
+                                     [since] if since else [])
+
+    def _voted_pairs(self, where: str, params: list[Any]) -> Iterator[dict[str, Any]]:
+        sql = ("select p.*, v.choice, v.answer, v.created_at as voted_at, "
+               "v.rowid as vote_rowid from pairs p join votes v on v.pair_id = p.id "
+               f"where {where}")
         with self._lock:
-            rows = [dict(r) for r in self.db.query(sql + " order by v.created_at", params)]
+            rows = [dict(r) for r in self.db.query(sql + " order by v.rowid", params)]
         for row in rows:
             row["context"] = json.loads(row["context"])
             yield row
+
+    def trainable_pairs(self, after_vote: int = 0) -> Iterator[dict[str, Any]]:
+        """Voted pairs DPO can use (choice a, b or written) whose vote rowid > ``after_vote``."""
+        yield from self._voted_pairs("v.choice in ('a', 'b', 'written') and v.rowid > ?",
+                                     [after_vote])
+
+    def count_trainable(self, after_vote: int = 0) -> int:
+        with self._lock:
+            return self.db.execute(
+                "select count(*) from votes where choice in ('a', 'b', 'written') "
+                "and rowid > ?", [after_vote]).fetchone()[0]
+
+    def duel_votes(self) -> list[dict[str, Any]]:
+        """Votes on pairs of two different policies, oldest first (for ratings)."""
+        with self._lock:
+            return [dict(r) for r in self.db.query(
+                "select p.id as pair_id, p.policy_a, p.policy_b, v.choice, "
+                "v.created_at as voted_at from pairs p join votes v on v.pair_id = p.id "
+                "where p.kind = 'duel' order by v.rowid")]
+
+    def votes_by_choice(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self.db.execute(
+                "select choice, count(*) from votes group by choice").fetchall())
+        return {choice: counts.get(choice, 0) for choice in CHOICES}
+
+    def votes_per_hour(self, hours: int = 48) -> list[dict[str, Any]]:
+        """Votes counted per UTC hour, the last ``hours`` hours that had any."""
+        with self._lock:
+            rows = self.db.query(
+                "select substr(created_at, 1, 13) as hour, count(*) as votes from votes "
+                "group by hour order by hour desc limit ?", [hours])
+            return sorted((dict(r) for r in rows), key=lambda r: r["hour"])
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def start_round(self, trigger: str) -> int:
+        """Record a round as running; :class:`Conflict` if one is running already."""
+        with self._write():
+            running = self.db.execute(
+                "select id from rounds where status = 'running'").fetchone()
+            if running:
+                raise Conflict(f"round {running[0]} is running; one round at a time")
+            return self.db["rounds"].insert(
+                {"trigger": trigger, "status": "running", "started_at": now()}).last_pk
+
+    def update_round(self, round_id: int, **fields: Any) -> None:
+        """Set fields of a round; dicts are stored as JSON, ``status`` other than
+        ``running`` also stamps ``ended_at``."""
+        values = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in fields.items()}
+        if values.get("status", "running") != "running":
+            values["ended_at"] = now()
+        with self._write():
+            self.db["rounds"].update(round_id, values)
+
+    def record_skipped_round(self, trigger: str, reason: str) -> int:
+        stamp = now()
+        with self._write():
+            return self.db["rounds"].insert(
+                {"trigger": trigger, "status": "skipped", "started_at": stamp,
+                 "ended_at": stamp, "error": reason}).last_pk
+
+    def fail_running_rounds(self, reason: str) -> list[int]:
+        """Mark rounds left ``running`` (by a crash) as failed; returns their ids."""
+        with self._write():
+            ids = [r[0] for r in self.db.execute(
+                "select id from rounds where status = 'running'").fetchall()]
+            for round_id in ids:
+                self.db["rounds"].update(round_id, {"status": "failed", "error": reason,
+                                                    "ended_at": now()})
+        return ids
+
+    def round(self, round_id: int) -> dict[str, Any]:
+        with self._lock:
+            rows = list(self.db["rounds"].rows_where("id = ?", [round_id]))
+        if not rows:
+            raise NotFound(f"round {round_id} does not exist")
+        return _round_row(rows[0])
+
+    def rounds(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest rounds, newest first."""
+        with self._lock:
+            rows = list(self.db["rounds"].rows_where(order_by="id desc", limit=limit))
+        return [_round_row(r) for r in rows]
+
+    def last_trained_vote(self) -> int:
+        """The highest vote rowid a succeeded round trained on (0: none yet)."""
+        with self._lock:
+            value = self.db.execute("select max(votes_until) from rounds "
+                                    "where status = 'succeeded'").fetchone()[0]
+        return value or 0
+
+    # -- adapters and the champion --------------------------------------------------------
+
+    def add_adapter(self, name: str, path: Path, round_id: int | None, parent: str,
+                    state: str = "candidate", reason: str | None = None) -> None:
+        stamp = now()
+        with self._write():
+            self.db["adapters"].insert(
+                {"name": name, "state": state, "path": str(path), "round_id": round_id,
+                 "parent": parent, "created_at": stamp, "state_at": stamp, "reason": reason})
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            rows = list(self.db["adapters"].rows_where("name = ?", [name]))
+        if not rows:
+            raise NotFound(f"adapter {name!r} does not exist")
+        return rows[0]
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """All adapter versions, oldest first."""
+        with self._lock:
+            return [dict(r) for r in self.db["adapters"].rows_where(order_by="name")]
+
+    def set_adapter_state(self, name: str, state: str, reason: str | None = None) -> None:
+        with self._write():
+            self.adapter(name)
+            self.db["adapters"].update(name, {"state": state, "state_at": now(),
+                                              "reason": reason})
+
+    def champion(self) -> str:
+        """The policy new turns come from: ``base`` or an adapter name."""
+        return self.get_state("champion") or "base"
+
+    def candidate(self) -> str | None:
+        with self._lock:
+            row = self.db.execute("select name from adapters where state = 'candidate' "
+                                  "order by name desc limit 1").fetchone()
+        return row[0] if row else None
+
+    def candidate_other_than(self, name: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.db.execute(
+                "select name from adapters where state = 'candidate' and name != ?", [name])]
+
+    def crown(self, policy: str, reason: str) -> str:
+        """Make ``policy`` (``base`` or an adapter) the champion in one transaction; the old
+        champion adapter is retired. Returns the old champion."""
+        with self._write():
+            if policy != "base":
+                self.adapter(policy)
+            old = self.champion()
+            stamp = now()
+            if old != "base" and old != policy:
+                self.db["adapters"].update(old, {"state": "retired", "state_at": stamp,
+                                                 "reason": reason})
+            if policy != "base":
+                self.db["adapters"].update(policy, {"state": "champion", "state_at": stamp,
+                                                    "reason": reason})
+            self.db["loop_state"].upsert({"key": "champion", "value": policy}, pk="key")
+        return old
+
+    def get_state(self, key: str) -> str | None:
+        with self._lock:
+            row = self.db.execute("select value from loop_state where key = ?",
+                                  [key]).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._write():
+            self.db["loop_state"].upsert({"key": key, "value": value}, pk="key")
 
     # -- overview -------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {name: self.db[name].count for name in
-                    ("conversations", "messages", "pairs", "votes")}
+                    ("conversations", "messages", "pairs", "votes", "rounds", "adapters")}
 
     def check(self) -> None:
         """Raise if the database cannot answer a trivial query."""
         with self._lock:
             self.db.execute("select 1").fetchone()
+
+
+def _round_row(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    for key in ("metrics", "progress"):
+        row[key] = json.loads(row[key]) if row[key] else None
+    return row

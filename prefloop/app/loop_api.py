@@ -1,0 +1,122 @@
+"""The loop's JSON API: adapters, rounds, leaderboard, stats; admin actions behind a password.
+
+Admin requests carry ``Authorization: Bearer <PREFLOOP_ADMIN_PASSWORD>``. Without a password
+configured, admin is off and every admin request gets 403 saying so.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, StrictStr
+
+from prefloop.app.chat import InputError
+from prefloop.loop.controller import Loop, LoopError, check_policy_name
+from prefloop.storage.store import Conflict
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: StrictStr
+
+
+def password_matches(given: str, password: str) -> bool:
+    """Constant-time comparison, so response times say nothing about the password."""
+    return hmac.compare_digest(given.encode("utf-8"), password.encode("utf-8"))
+
+
+def admin_guard(password: str | None):
+    """A FastAPI dependency that lets a request through only with the admin password."""
+
+    def check(request: Request) -> None:
+        if not password:
+            raise HTTPException(403, "admin is disabled: set PREFLOOP_ADMIN_PASSWORD and "
+                                     "restart prefloop to enable it")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(401, "admin actions need 'Authorization: Bearer <password>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not password_matches(given, password):
+            raise HTTPException(401, "wrong admin password",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def round_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A round without the per-step detail of its metrics (kept: losses per step)."""
+    metrics = row.get("metrics") or {}
+    steps = metrics.get("steps") or []
+    return {key: row[key] for key in ("id", "trigger", "status", "started_at", "ended_at",
+                                      "pairs", "new_pairs", "parent", "adapter", "error")} | {
+        "progress": row.get("progress") or None,
+        "losses": [step["loss"] for step in steps],
+        "held_out": metrics.get("held_out"),
+        "seconds": (metrics.get("seconds") or {}).get("total"),
+    }
+
+
+def loop_routers(loop: Loop, password: str | None) -> list[APIRouter]:
+    router = APIRouter(prefix="/api/v1", tags=["loop"])
+    admin = APIRouter(prefix="/api/v1/admin", tags=["admin"],
+                      dependencies=[Depends(admin_guard(password))])
+    store = loop.store
+
+    @router.get("/adapters")
+    def adapters() -> dict[str, Any]:
+        """Every adapter version and its state; the champion and the candidate."""
+        return {"champion": store.champion(), "candidate": store.candidate(),
+                "adapters": store.adapters()}
+
+    @router.get("/rounds")
+    def rounds(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+        """The latest training rounds, newest first."""
+        return {"rounds": [round_summary(r) for r in store.rounds(limit)]}
+
+    @router.get("/leaderboard")
+    def leaderboard() -> dict[str, Any]:
+        """Bradley-Terry ratings (Elo scale, base = 1000) over all duel votes, with 95%
+        bootstrap intervals, win-rate against base and vote counts."""
+        return {"standings": loop.leaderboard(), "over_time": loop.ratings_over_time()}
+
+    @router.get("/stats")
+    def stats() -> dict[str, Any]:
+        """Counts, votes by choice and per hour, and what the loop is doing."""
+        return {"counts": store.counts(), "votes_by_choice": store.votes_by_choice(),
+                "votes_per_hour": store.votes_per_hour(), "loop": loop.status()}
+
+    @admin.post("/rounds")
+    def start_round() -> dict[str, Any]:
+        """Start a training round now; returns its id."""
+        try:
+            return {"round_id": loop.start_round("admin")}
+        except LoopError as exc:
+            raise Conflict(str(exc)) from None
+
+    @admin.post("/promote")
+    def promote(body: PromoteRequest) -> dict[str, Any]:
+        """Make a policy champion now: a newer adapter, an earlier one, or `base` (rollback)."""
+        try:
+            policy = check_policy_name(body.policy)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        try:
+            old = loop.promote(policy, "admin")
+        except LoopError as exc:
+            raise Conflict(str(exc)) from None
+        return {"champion": policy, "previous": old}
+
+    @admin.post("/pause")
+    def pause() -> dict[str, Any]:
+        """Stop scheduled rounds (a running round finishes)."""
+        loop.pause()
+        return {"paused": True}
+
+    @admin.post("/resume")
+    def resume() -> dict[str, Any]:
+        loop.resume()
+        return {"paused": False}
+
+    return [router, admin]

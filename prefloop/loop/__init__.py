@@ -1,0 +1,1 @@
+"""The online loop: scheduled rounds, hot-swap, duels, promotion and rollback, ratings."""

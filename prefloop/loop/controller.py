@@ -1,0 +1,328 @@
+"""The online loop inside ``prefloop serve``: rounds on a schedule, hot-swap, promotion.
+
+:class:`Loop` owns the decisions; the store keeps every state that must survive a restart
+(rounds, adapters, champion, paused), the adapter pool what vLLM has loaded. Rounds run in a
+worker thread (the trainer itself is a subprocess), one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from prefloop.config import Settings
+from prefloop.loop.duels import TurnPlan, duel_record, plan_turn, verdict
+from prefloop.loop.ratings import Duel, duel_score, fit_bradley_terry, leaderboard
+from prefloop.loop.rounds import TRAINER, RoundFailed, TrainerJob, run_trainer, snapshot_pairs
+from prefloop.serving.adapters import BASE, AdapterError, AdapterPool
+from prefloop.storage.store import Conflict, NotFound, Store
+
+log = logging.getLogger(__name__)
+
+POLICY_NAME = re.compile(r"^(base|v\d{4,})$")
+
+
+class LoopError(RuntimeError):
+    """An admin action that cannot be done now; the message says why."""
+
+
+def check_policy_name(policy: object) -> str:
+    """``base`` or ``vNNNN``; anything else (paths, ``..``) is refused before any look-up."""
+    if not isinstance(policy, str) or not POLICY_NAME.match(policy):
+        raise ValueError("policy must be 'base' or an adapter name like 'v0003'")
+    return policy
+
+
+class Loop:
+    """Scheduled DPO rounds, adapter hot-swap, duels, promotion and rollback."""
+
+    def __init__(self, settings: Settings, store: Store, pool: AdapterPool, base_model: Path,
+                 *, trainer_command: Sequence[str] = TRAINER, seed: int | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.base_model = base_model
+        self.trainer_command = tuple(trainer_command)
+        self._rng = random.Random(seed)
+        self._round_lock = threading.Lock()  # held while a round runs
+        self._decide_lock = threading.Lock()  # promotion decisions one at a time
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._scheduler: BackgroundScheduler | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a (re)start: fail rounds a crash left running, load champion and candidate."""
+        failed = self.store.fail_running_rounds("prefloop stopped while the round was running")
+        if failed:
+            log.warning("rounds %s were running when prefloop stopped; marked failed", failed)
+        self.reload_adapters()
+
+    def reload_adapters(self) -> None:
+        """Load the champion and the candidate into vLLM (at start, after a vLLM restart).
+        A champion that no longer loads gives way to ``base``; a candidate is rejected."""
+        self.pool.reload({})
+        champion, candidate = self.store.champion(), self.store.candidate()
+        if champion != BASE:
+            try:
+                self.pool.load(champion, Path(self.store.adapter(champion)["path"]))
+            except (AdapterError, NotFound) as exc:
+                log.error("champion %s cannot be served (%s); serving base", champion, exc)
+                self.store.crown(BASE, f"{champion} could not be loaded: {exc}")
+        if candidate is not None:
+            try:
+                self.pool.load(candidate, Path(self.store.adapter(candidate)["path"]))
+            except AdapterError as exc:
+                self.store.set_adapter_state(candidate, "rejected", f"vLLM refused it: {exc}")
+
+    def start(self) -> None:
+        """Recover, then check for a round every ``train_every`` minutes."""
+        self.recover()
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.add_job(self.tick, "interval", minutes=self.settings.train_every,
+                                id="round", max_instances=1, coalesce=True)
+        self._scheduler.add_job(self.prune, "interval", seconds=30, id="prune",
+                                max_instances=1, coalesce=True)
+        self._scheduler.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the schedule and a running round (its trainer is killed, the round failed)."""
+        self._stop.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # -- turns and votes --------------------------------------------------------------------
+
+    def plan_turn(self) -> TurnPlan:
+        """The policies of a new turn. A candidate or champion vLLM has not loaded (yet) is
+        left out, so no request ever waits for a load."""
+        champion = self.store.champion()
+        if not self.pool.is_ready(champion):
+            champion = BASE
+        candidate = self.store.candidate()
+        if candidate is not None and not self.pool.is_ready(candidate):
+            candidate = None
+        return plan_turn(champion, candidate, self.settings.duel_share,
+                         self.settings.baseline_share, self._rng)
+
+    def after_vote(self, pair: dict[str, Any]) -> str | None:
+        """Called once a vote on ``pair`` is stored: decide the candidate's fate if it was
+        its duel. Returns ``promote``/``reject`` when that happened."""
+        candidate = self.store.candidate()
+        if pair.get("kind") != "duel" or candidate is None \
+                or candidate not in (pair["policy_a"], pair["policy_b"]):
+            return None
+        with self._decide_lock:
+            if self.store.candidate() != candidate:
+                return None  # decided meanwhile
+            champion = self.store.champion()
+            record = duel_record(self.store.duel_votes(), candidate, champion)
+            decision = verdict(record, self.settings.promote_min_votes,
+                               self.settings.promote_winrate, self.settings.max_duel_votes)
+            summary = (f"win-rate {record.winrate:.2f} over {record.votes} duel votes "
+                       f"against {champion}") if record.votes else ""
+            if decision == "promote":
+                self.store.crown(candidate, f"won its duels: {summary}")
+                log.info("promoted %s (%s)", candidate, summary)
+            elif decision == "reject":
+                self.store.set_adapter_state(candidate, "rejected", f"lost its duels: {summary}")
+                log.info("rejected %s (%s)", candidate, summary)
+        return decision if decision != "wait" else None
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self.store.get_state("paused") == "1"
+
+    @property
+    def training(self) -> bool:
+        return self._round_lock.locked()
+
+    def tick(self) -> int | None:
+        """The scheduled check: run a round when enough new trainable votes exist."""
+        if self.paused or self._stop.is_set():
+            return None
+        new = self.store.count_trainable(self.store.last_trained_vote())
+        if new < self.settings.min_new_pairs:
+            return None
+        if self.training:
+            return self.store.record_skipped_round("schedule", "another round was running")
+        return self.run_round("schedule")
+
+    def start_round(self, trigger: str = "admin") -> int:
+        """Start a round now in a worker thread; returns its id (:class:`LoopError` if one is
+        running or nothing can be trained on)."""
+        if self.store.count_trainable() == 0:
+            raise LoopError("there are no trainable votes yet (votes for A, B or a written "
+                            "answer)")
+        if not self._round_lock.acquire(blocking=False):
+            raise LoopError("a round is running; one round at a time")
+        try:
+            round_id = self.store.start_round(trigger)
+        except Conflict as exc:
+            self._round_lock.release()
+            raise LoopError(str(exc)) from None
+        self._worker = threading.Thread(target=self._round_worker, args=(round_id,),
+                                        name=f"round-{round_id}", daemon=True)
+        self._worker.start()
+        return round_id
+
+    def run_round(self, trigger: str) -> int | None:
+        """Run a round in this thread; returns its id (None if one was already running)."""
+        if not self._round_lock.acquire(blocking=False):
+            return self.store.record_skipped_round(trigger, "another round was running")
+        try:
+            round_id = self.store.start_round(trigger)
+        except Conflict:
+            self._round_lock.release()
+            return None
+        self._round_worker(round_id)
+        return round_id
+
+    def wait_for_round(self, timeout: float | None = None) -> None:
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _round_worker(self, round_id: int) -> None:
+        try:
+            self._train(round_id)
+        except Exception as exc:  # the loop goes on; the round says what happened
+            log.exception("round %s failed", round_id)
+            self.store.update_round(round_id, status="failed", error=str(exc))
+        finally:
+            self._round_lock.release()
+
+    def _train(self, round_id: int) -> None:
+        s = self.settings
+        parent = self.store.champion()
+        name = self.next_adapter_name()
+        work = s.data_dir / "rounds" / f"{round_id:04d}"
+        snapshot = snapshot_pairs(self.store, work / "pairs.jsonl",
+                                  self.store.last_trained_vote(), s.max_pairs_per_round,
+                                  s.replay_ratio, random.Random(round_id))
+        self.store.update_round(round_id, pairs=snapshot.pairs, new_pairs=snapshot.new_pairs,
+                                votes_until=snapshot.votes_until, parent=parent)
+        out = s.adapters_dir / name
+        job = TrainerJob(
+            pairs=snapshot.path, out=out, model=self.base_model,
+            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]),
+            lr=s.train_lr, beta=s.train_beta, epochs=s.train_epochs, loss=s.train_loss,
+            threads=s.trainer_threads, seed=round_id)
+        last_saved = [0.0]
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "step" and time.monotonic() - last_saved[0] > 1.0:
+                last_saved[0] = time.monotonic()
+                self.store.update_round(round_id, progress=event)
+
+        try:
+            metrics = run_trainer(job, work / "trainer.log", s.trainer_timeout, on_event,
+                                  self._stop, self.trainer_command)
+        except RoundFailed as exc:
+            self.store.update_round(round_id, status="failed", error=str(exc))
+            return
+        self.store.add_adapter(name, out, round_id, parent)
+        self.store.update_round(round_id, status="succeeded", adapter=name, metrics=metrics,
+                                progress={})
+        try:
+            self.pool.load(name, out)
+        except AdapterError as exc:
+            self.store.set_adapter_state(name, "rejected", f"vLLM refused it: {exc}")
+            return
+        old = self.store.candidate_other_than(name)
+        for stale in old:
+            self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
+        if s.promote == "immediate":
+            self.store.crown(name, "promote: immediate")
+        self.prune()
+
+    def next_adapter_name(self) -> str:
+        """A version never used before: above every stored adapter and every folder."""
+        used = [a["name"] for a in self.store.adapters()]
+        if self.settings.adapters_dir.is_dir():  # also ".vNNNN.tmp-*" left by a crash
+            used += [p.name for p in self.settings.adapters_dir.iterdir()]
+        numbers = [int(m[1]) for n in used if (m := re.match(r"^\.?v(\d{4,})", n))]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    # -- admin ------------------------------------------------------------------------------
+
+    def promote(self, policy: object, reason: str = "admin") -> str:
+        """Make ``policy`` champion now (an adapter or ``base``: a rollback). Returns the old
+        champion."""
+        policy = check_policy_name(policy)
+        if policy != BASE:
+            adapter = self.store.adapter(policy)  # NotFound for unknown names
+            try:
+                self.pool.load(policy, Path(adapter["path"]))
+            except AdapterError as exc:
+                raise LoopError(f"{policy} cannot be served: {exc}") from None
+        with self._decide_lock:
+            old = self.store.crown(policy, reason)
+        self.prune()
+        return old
+
+    def pause(self) -> None:
+        self.store.set_state("paused", "1")
+
+    def resume(self) -> None:
+        self.store.set_state("paused", "0")
+
+    def prune(self) -> None:
+        """Unload adapters that are neither champion nor candidate once no request uses
+        them."""
+        keep = {self.store.champion(), self.store.candidate() or BASE}
+        self.pool.prune(keep)
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        running = next((r for r in self.store.rounds(limit=5) if r["status"] == "running"),
+                       None)
+        return {"state": "training" if running else "paused" if self.paused else "running",
+                "champion": self.store.champion(), "candidate": self.store.candidate(),
+                "round": running, "loaded": sorted(self.pool.loaded),
+                "new_trainable_votes": self.store.count_trainable(
+                    self.store.last_trained_vote()),
+                "min_new_pairs": self.settings.min_new_pairs,
+                "train_every_minutes": self.settings.train_every,
+                "promote": self.settings.promote}
+
+    def duels(self) -> list[tuple[Duel, str]]:
+        """Every duel result with the time of its vote."""
+        out = []
+        for row in self.store.duel_votes():
+            score = duel_score(row["choice"])
+            if score is not None:
+                out.append((Duel(row["policy_a"], row["policy_b"], score), row["voted_at"]))
+        return out
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        duels = [d for d, _ in self.duels()]
+        states = {a["name"]: a["state"] for a in self.store.adapters()}
+        states[BASE] = "champion" if self.store.champion() == BASE else "base"
+        return [{**vars(s), "state": states.get(s.policy, "")}
+                for s in leaderboard(duels, resamples=self.settings.rating_resamples)]
+
+    def ratings_over_time(self, points: int = 20) -> list[dict[str, Any]]:
+        """Ratings refitted on the first k duel votes, for ``points`` values of k."""
+        duels = self.duels()
+        if not duels:
+            return []
+        rows = []
+        for k in sorted({max(1, round(len(duels) * i / points)) for i in range(1, points + 1)}):
+            for policy, rating in fit_bradley_terry([d for d, _ in duels[:k]]).items():
+                rows.append({"duel_votes": k, "voted_at": duels[k - 1][1], "policy": policy,
+                             "rating": rating})
+        return rows

@@ -1,0 +1,155 @@
+"""One training round of the loop: snapshot the votes, run the trainer as a subprocess.
+
+The trainer is ``python -m prefloop.trainer`` in its own process group: the web process stays
+responsive, memory returns when it ends, and a timeout or shutdown kills the whole group. Its
+``--json`` step events become the round's progress; its stderr goes to a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefloop.serving.vllm_server import die_with_parent
+from prefloop.storage.exchange import Preference, pair_preferences, to_trl
+from prefloop.storage.store import Store
+
+TRAINER = (sys.executable, "-m", "prefloop.trainer")
+
+
+class RoundFailed(RuntimeError):
+    """The trainer did not produce an adapter; the message says why."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    pairs: int
+    new_pairs: int
+    votes_until: int  # highest vote rowid in it
+
+
+def snapshot_pairs(store: Store, path: Path, after_vote: int, max_pairs: int,
+                   replay_ratio: float, rng: random.Random) -> Snapshot:
+    """Write the trainable votes after ``after_vote`` (newest kept if over ``max_pairs``)
+    plus a random replay sample of older ones, as TRL-format JSONL at ``path``."""
+    new: list[Preference] = []
+    old: list[Preference] = []
+    votes_until = after_vote
+    for row in store.trainable_pairs():
+        prefs = list(pair_preferences(row))
+        (new if row["vote_rowid"] > after_vote else old).extend(prefs)
+        votes_until = max(votes_until, row["vote_rowid"])
+    new = new[-max_pairs:]
+    room = max_pairs - len(new)
+    replay = rng.sample(old, min(len(old), room, round(replay_ratio * len(new))))
+    chosen = new + replay
+    rng.shuffle(chosen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for pref in chosen:
+            out.write(json.dumps(to_trl(pref), ensure_ascii=False) + "\n")
+    return Snapshot(path, len(chosen), len(new), votes_until)
+
+
+@dataclass(frozen=True)
+class TrainerJob:
+    pairs: Path
+    out: Path
+    model: Path
+    init_adapter: Path | None
+    lr: float
+    beta: float
+    epochs: int
+    loss: str
+    threads: int
+    seed: int
+
+    def arguments(self) -> list[str]:
+        args = ["--pairs", str(self.pairs), "--out", str(self.out), "--model", str(self.model),
+                "--lr", repr(self.lr), "--beta", repr(self.beta), "--epochs", str(self.epochs),
+                "--loss", self.loss, "--seed", str(self.seed), "--json"]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        if self.init_adapter is not None:
+            args += ["--init-adapter", str(self.init_adapter)]
+        return args
+
+
+def run_trainer(job: TrainerJob, log_path: Path, timeout: float,
+                on_event: Callable[[dict[str, Any]], None],
+                stop: threading.Event, command: Sequence[str] = TRAINER) -> dict[str, Any]:
+    """Run the trainer to completion and return its metrics; :class:`RoundFailed` if it
+    exits badly, runs past ``timeout`` seconds, or ``stop`` is set."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if job.threads:
+        env["OMP_NUM_THREADS"] = str(job.threads)
+    with open(log_path, "ab") as log:
+        # Its own process group (a timeout kills all of it), and SIGTERM when this thread
+        # ends, so a crash of prefloop leaves no trainer behind.
+        proc = subprocess.Popen([*command, *job.arguments()], stdout=subprocess.PIPE,
+                                stderr=log, env=env, preexec_fn=die_with_parent)
+        reader = threading.Thread(target=_read_events, args=(proc, on_event), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if stop.is_set() or time.monotonic() > deadline:
+                _kill(proc)
+                reason = "stopped (prefloop is shutting down)" if stop.is_set() \
+                    else f"timed out after {timeout:g} s (trainer_timeout)"
+                raise RoundFailed(f"the trainer {reason}; log: {log_path}")
+            time.sleep(0.2)
+        reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise RoundFailed(f"the trainer exited with code {proc.returncode}: "
+                          f"{_last_error(log_path)} (log: {log_path})")
+    metrics_file = job.out / "metrics.json"
+    if not metrics_file.is_file():
+        raise RoundFailed(f"the trainer finished but wrote no {metrics_file}")
+    return json.loads(metrics_file.read_text())
+
+
+def _read_events(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # not an event line
+        if isinstance(event, dict):
+            on_event(event)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGTERM the trainer's group (it removes its temporary folder), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _last_error(log_path: Path) -> str:
+    """The last non-empty line of the trainer's log: its error message."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    lines = [line for line in lines if line and "it/s]" not in line]
+    return lines[-1][:500] if lines else "no output"
