@@ -233,19 +233,24 @@ class Loop:
         except RoundFailed as exc:
             self.store.update_round(round_id, status="failed", error=str(exc))
             return
-        self.store.add_adapter(name, out, round_id, parent)
-        self.store.update_round(round_id, status="succeeded", adapter=name, metrics=metrics,
-                                progress={})
+        # Load first, book-keep after: serving the new adapter is what people wait for.
+        loaded = time.monotonic()
         try:
             self.pool.load(name, out)
+            refused = None
         except AdapterError as exc:
-            self.store.set_adapter_state(name, "rejected", f"vLLM refused it: {exc}")
+            refused = f"vLLM refused it: {exc}"
+        loaded = time.monotonic() - loaded
+        self.store.add_adapter(name, out, round_id, parent, *(
+            ("rejected", refused) if refused else ()))
+        self.store.update_round(round_id, status="succeeded", adapter=name, metrics=metrics,
+                                progress={"event": "loaded", "load_seconds": loaded})
+        if refused:
             return
-        old = self.store.candidate_other_than(name)
-        for stale in old:
-            self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
         if s.promote == "immediate":
             self.store.crown(name, "promote: immediate")
+        for stale in self.store.candidate_other_than(name):
+            self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
         self.prune()
 
     def next_adapter_name(self) -> str:

@@ -100,27 +100,39 @@ def run_trainer(job: TrainerJob, log_path: Path, timeout: float,
         # ends, so a crash of prefloop leaves no trainer behind.
         proc = subprocess.Popen([*command, *job.arguments()], stdout=subprocess.PIPE,
                                 stderr=log, env=env, preexec_fn=die_with_parent)
-        reader = threading.Thread(target=_read_events, args=(proc, on_event), daemon=True)
+        done = threading.Event()  # the trainer said "done": its adapter folder is complete
+        reader = threading.Thread(target=_read_events, args=(proc, on_event, done),
+                                  daemon=True)
         reader.start()
         deadline = time.monotonic() + timeout
-        while proc.poll() is None:
+        while proc.poll() is None and not done.is_set():
             if stop.is_set() or time.monotonic() > deadline:
                 _kill(proc)
                 reason = "stopped (prefloop is shutting down)" if stop.is_set() \
                     else f"timed out after {timeout:g} s (trainer_timeout)"
                 raise RoundFailed(f"the trainer {reason}; log: {log_path}")
-            time.sleep(0.2)
+            time.sleep(0.05)
+        if done.is_set():
+            # Do not wait for torch to tear down: the adapter can be loaded now. The process
+            # is reaped in the background.
+            threading.Thread(target=proc.wait, daemon=True).start()
+            return _metrics(job.out)
         reader.join(timeout=5)
     if proc.returncode != 0:
         raise RoundFailed(f"the trainer exited with code {proc.returncode}: "
                           f"{_last_error(log_path)} (log: {log_path})")
-    metrics_file = job.out / "metrics.json"
+    return _metrics(job.out)
+
+
+def _metrics(out: Path) -> dict[str, Any]:
+    metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
         raise RoundFailed(f"the trainer finished but wrote no {metrics_file}")
     return json.loads(metrics_file.read_text())
 
 
-def _read_events(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None]) -> None:
+def _read_events(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None],
+                 done: threading.Event) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         try:
@@ -129,6 +141,8 @@ def _read_events(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], No
             continue  # not an event line
         if isinstance(event, dict):
             on_event(event)
+            if event.get("event") == "done":
+                done.set()
 
 
 def _kill(proc: subprocess.Popen) -> None:
