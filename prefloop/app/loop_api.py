@@ -38,7 +38,10 @@ def admin_guard(password: str | None):
         if scheme.lower() != "bearer" or not given:
             raise HTTPException(401, "admin actions need 'Authorization: Bearer <password>'",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if not password_matches(given, password):
+        # Starlette decodes header bytes as latin-1; compare the bytes the client sent with
+        # the password's UTF-8, so a non-ASCII password sent as UTF-8 matches.
+        if not hmac.compare_digest(given.encode("latin-1", "replace"),
+                                   password.encode("utf-8")):
             raise HTTPException(401, "wrong admin password",
                                 headers={"WWW-Authenticate": "Bearer"})
 

@@ -27,7 +27,7 @@ from prefloop.storage.store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
 
-POLICY_NAME = re.compile(r"^(base|v\d{4,})$")
+POLICY_NAME = re.compile(r"base|v\d{4,}")
 
 
 class LoopError(RuntimeError):
@@ -36,7 +36,7 @@ class LoopError(RuntimeError):
 
 def check_policy_name(policy: object) -> str:
     """``base`` or ``vNNNN``; anything else (paths, ``..``) is refused before any look-up."""
-    if not isinstance(policy, str) or not POLICY_NAME.match(policy):
+    if not isinstance(policy, str) or not POLICY_NAME.fullmatch(policy):
         raise ValueError("policy must be 'base' or an adapter name like 'v0003'")
     return policy
 
