@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import sqlite3
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = shutil.which("chromium")
-    assert executable, "Chromium is missing: run `make chromium` (apt-get install chromium)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
 
 @pytest.fixture
 def page(browser, served) -> Page:
@@ -117,3 +101,13 @@ def test_new_conversation_starts_over(page: Page, served):
     page.locator("#new-conversation").click()
     expect(page.locator("#conversation")).not_to_contain_text("Tell me a fact.",
                                                                timeout=10_000)
+
+
+def test_loop_tabs_without_an_admin_password(page: Page, served):
+    page.get_by_role("tab", name="Admin").click()
+    expect(page.locator("#admin-disabled")).to_contain_text("PREFLOOP_ADMIN_PASSWORD")
+    expect(page.locator("#admin-password")).to_have_count(0)
+    page.get_by_role("tab", name="Leaderboard").click()
+    expect(page.locator("#leaderboard-note")).to_contain_text("No duel votes yet")
+    page.get_by_role("tab", name="Training").click()
+    expect(page.locator("#loop-status")).to_contain_text("champion", timeout=10_000)

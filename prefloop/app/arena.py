@@ -58,6 +58,17 @@ class View:
                 gr.update(**({"value": ""} if self.clear_written else {})))
 
 
+def reveal(vote: dict[str, Any]) -> str:
+    """Who wrote the answers, said once the vote is in (a duel hides it until then)."""
+    a, b = vote["policy_a"], vote["policy_b"]
+    if a == b:
+        return f"Both answers came from {a}."
+    text = f"A came from {a}, B from {b}."
+    if vote.get("decision") == "promote":
+        text += " This vote made the new model the champion."
+    return text
+
+
 def _shown(state: ArenaState) -> list[dict[str, str]]:
     chat = list(state.history)
     if state.pending_message is not None:
@@ -111,7 +122,7 @@ class ArenaHandlers:
         if state.pair_id is None:
             return View(state, _shown(state), status="Send a message first.")
         try:
-            self.service.vote(state.pair_id, choice, answer)
+            result = self.service.vote(state.pair_id, choice, answer)
         except (InputError, NotFound, Conflict) as exc:
             return View(state, _shown(state), status=f"⚠️ {exc}", voting=True, typing=False)
         except Exception:  # not stored (e.g. disk full): say so and keep the buttons
@@ -122,7 +133,7 @@ class ArenaHandlers:
             state.history = self.service.store.messages(state.conversation_id)
         state.pair_id, state.pending_message = None, None
         return View(state, _shown(state), status=f"Saved: {VOTE_LABELS[choice]}. "
-                    "Send your next message.", clear_written=True)
+                    f"{reveal(result)} Send your next message.", clear_written=True)
 
     def new_conversation(self, state: ArenaState | None) -> View:
         return View(ArenaState(), [], status="New conversation.")
