@@ -220,3 +220,54 @@ main.add_command(train_command)
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--oracle", "oracle_spec", required=True,
+              help="sentiment | concise | judge | module:function | path/to/file.py:function")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--pairs-per-round", type=click.IntRange(1, 1_000_000), default=64,
+              show_default=True, help="Pairs the oracle votes on before each round.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("simulation-report"), show_default=True,
+              help="Folder for report.json, report.md and the plots.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your own prompts (one a line, or .jsonl with {\"prompt\": ...}).")
+@click.option("--eval-prompts", type=click.IntRange(1), default=None,
+              help="Held-out prompts to measure on (default: all of them).")
+@click.option("--judge-url", help="OpenAI-compatible server of the judge oracle (…/v1).")
+@click.option("--judge-model", help="Model name of the judge oracle; key from $JUDGE_API_KEY.")
+@settings_options
+def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round: int,
+             report_dir: Path, seed: int, prompts_file: Path | None, eval_prompts: int | None,
+             judge_url: str | None, judge_model: str | None) -> None:
+    """Run the real loop with an oracle voting instead of people, and report what it learned.
+
+    Without --data-dir the simulation gets a fresh folder (never your own data folder).
+    """
+    import dataclasses
+    import tempfile
+
+    from prefloop.config import _default_data_dir
+    from prefloop.sim.oracles import OracleError, load_oracle
+    from prefloop.sim.prompts import PROMPTS, PromptError, read_prompts, split_prompts
+    from prefloop.sim.simulate import SimulationPlan, run_simulation
+
+    judge = {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v}
+    try:
+        oracle = load_oracle(oracle_spec, **judge)
+        prompts = read_prompts(prompts_file) if prompts_file else PROMPTS
+        train, held_out = split_prompts(prompts, seed=seed)
+    except (OracleError, PromptError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if settings.data_dir == _default_data_dir():
+        settings = dataclasses.replace(
+            settings, data_dir=Path(tempfile.mkdtemp(prefix="prefloop-sim-")))
+    click.echo(f"data folder: {settings.data_dir}")
+    plan = SimulationPlan(rounds, pairs_per_round, train, held_out[:eval_prompts], seed)
+    try:
+        run_simulation(settings, plan, oracle, report_dir)
+    except (ModelError, VLLMError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report: {report_dir / 'report.md'}")

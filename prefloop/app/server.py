@@ -102,8 +102,10 @@ class Runtime:
         self.store.close()
 
 
-def start_runtime(settings: Settings, progress: Callable[[str], None] = print) -> Runtime:
-    """Open the store, start (or connect to) vLLM, then the loop. Call from the main thread.
+def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
+                  schedule: bool = True) -> Runtime:
+    """Open the store, start (or connect to) vLLM, then the loop (its schedule only with
+    ``schedule``; without, rounds run when asked). Call from the main thread.
 
     The base model is prepared locally in both cases: the trainer needs its files.
     """
@@ -124,7 +126,7 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print) -
         loop = Loop(settings, store, pool, model_path)
         if vllm is not None:
             vllm.on_restart.append(loop.reload_adapters)  # vLLM forgot its adapters
-        loop.start()
+        loop.start() if schedule else loop.recover()
     except BaseException:
         if vllm is not None:
             vllm.stop()
@@ -141,6 +143,16 @@ def _vllm_server(settings: Settings, model_path: Path) -> VLLMServer:
                       start_timeout=settings.vllm_start_timeout)
 
 
+def make_sampler(settings: Settings, runtime: Runtime,
+                 sampling: Sampling | None = None) -> PairSampler:
+    return PairSampler(
+        runtime.endpoint, max_model_len=settings.max_model_len,
+        system_prompt=settings.system_prompt,
+        sampling=sampling or Sampling(settings.temperature, settings.top_p,
+                                      settings.max_tokens),
+        model_name=runtime.loop.pool.served_name)
+
+
 def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     """Run the page and API until SIGINT/SIGTERM, then stop vLLM; no process is left."""
     # SIGTERM while vLLM starts must still stop it: turn it into KeyboardInterrupt until
@@ -148,11 +160,7 @@ def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     runtime = start_runtime(settings, progress)
     try:
-        sampler = PairSampler(
-            runtime.endpoint, max_model_len=settings.max_model_len,
-            system_prompt=settings.system_prompt,
-            sampling=Sampling(settings.temperature, settings.top_p, settings.max_tokens),
-            model_name=runtime.loop.pool.served_name)
+        sampler = make_sampler(settings, runtime)
         app = create_app(settings, runtime.store, sampler, runtime.loop, admin_password())
         progress(f"prefloop is up: http://{settings.host}:{settings.port}")
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -1,0 +1,276 @@
+"""``prefloop simulate``: the real loop with an oracle voting instead of people.
+
+Everything is real: vLLM serves the answers, votes go through the same service as the page
+(so duel votes decide promotion), rounds run the trainer subprocess, new adapters are
+hot-swapped. Before the first round and after each, the champion and ``base`` answer the
+held-out prompts, and the report records the oracle's mean reward of each, the champion's
+win-rate against ``base`` (ties and both-bad excluded and counted), and KL(champion ‖ base)
+per answer, estimated from the champion's samples as the mean of log π(y) − log π_base(y)
+computed with the model and the adapter. The held-out answers are sampled at temperature 1
+without top-p, so that they are samples of the policies themselves (the estimate is only
+unbiased for those); an answer cut at ``max_tokens`` is scored without an end of turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from prefloop.app.chat import ChatService
+from prefloop.app.server import Runtime, make_sampler, start_runtime
+from prefloop.config import Settings
+from prefloop.serving.adapters import BASE
+from prefloop.serving.sampler import PairSampler, Sampling
+from prefloop.sim.oracles import Oracle
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    rounds: int
+    pairs_per_round: int
+    train_prompts: Sequence[str]
+    eval_prompts: Sequence[str]
+    seed: int = 0
+    concurrency: int = 4  # pairs asked for at once (vLLM batches them)
+
+
+def run_simulation(settings: Settings, plan: SimulationPlan, oracle: Oracle, report_dir: Path,
+                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole simulation and write its report; returns the report as a dict."""
+    runtime = start_runtime(settings, log, schedule=False)
+    try:
+        return asyncio.run(_simulate(settings, runtime, plan, oracle, report_dir, progress, log))
+    finally:
+        runtime.close()
+
+
+async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, oracle: Oracle,
+                    report_dir: Path, progress: bool, log: Callable[[str], None]) -> dict:
+    sampler = make_sampler(settings, runtime)
+    measure = make_sampler(settings, runtime, Sampling(1.0, 1.0, settings.max_tokens))
+    service = ChatService(settings, runtime.store, sampler, runtime.loop)
+    rng = random.Random(plan.seed)
+    total = plan.rounds * plan.pairs_per_round + (plan.rounds + 1) * len(plan.eval_prompts)
+    bar = tqdm(total=total, desc="simulate", unit="pair", disable=not progress)
+    report: dict[str, Any] = {
+        "oracle": getattr(oracle, "name", repr(oracle)), "promote": settings.promote,
+        "rounds_planned": plan.rounds, "pairs_per_round": plan.pairs_per_round,
+        "eval_prompts": len(plan.eval_prompts), "seed": plan.seed,
+        "data_dir": str(settings.data_dir), "points": []}
+    try:
+        report["points"].append(await _measure(0, None, runtime, measure, oracle, plan, bar))
+        for number in range(1, plan.rounds + 1):
+            votes = await _collect(service, oracle, plan, rng, bar)
+            round_id = await asyncio.to_thread(runtime.loop.run_round, "simulate")
+            row = runtime.store.round(round_id) if round_id else None
+            point = await _measure(number, row, runtime, measure, oracle, plan, bar)
+            point["votes"] = dict(votes)
+            report["points"].append(point)
+            log(_point_line(point))
+            write_report(report, report_dir)
+    finally:
+        bar.close()
+        await sampler.close()
+        await measure.close()
+    write_report(report, report_dir)
+    return report
+
+
+async def _collect(service: ChatService, oracle: Oracle, plan: SimulationPlan,
+                   rng: random.Random, bar: tqdm) -> Counter:
+    """``pairs_per_round`` new single-turn pairs, each voted on by the oracle."""
+    votes: Counter = Counter()
+    gate = asyncio.Semaphore(plan.concurrency)
+    jobs = [(rng.choice(plan.train_prompts), rng.randrange(2**30))
+            for _ in range(plan.pairs_per_round)]
+
+    async def one(prompt: str, seed: int) -> None:
+        async with gate:
+            turn = await service.turn(prompt, seed=seed)
+        pair = service.store.pair(turn.pair_id)
+        choice = await asyncio.to_thread(oracle, pair["context"], pair["text_a"],
+                                         pair["text_b"])
+        service.vote(turn.pair_id, choice)
+        votes[choice] += 1
+        bar.update()
+
+    await asyncio.gather(*(one(prompt, seed) for prompt, seed in jobs))
+    return votes
+
+
+async def _measure(number: int, round_row: dict | None, runtime: Runtime,
+                   sampler: PairSampler, oracle: Oracle, plan: SimulationPlan,
+                   bar: tqdm) -> dict[str, Any]:
+    """The champion and base on the held-out prompts (same seeds every time)."""
+    champion = runtime.store.champion()
+    gate = asyncio.Semaphore(plan.concurrency)
+    system = ([{"role": "system", "content": sampler.system_prompt}]
+              if sampler.system_prompt else [])
+
+    async def answer(k: int, prompt: str) -> tuple[Messages, str, str, bool]:
+        history = [{"role": "user", "content": prompt}]
+        async with gate:
+            snapshots = [s async for s in sampler.stream(history, champion, BASE,
+                                                         seed=1000 + 2 * k)]
+        bar.update()
+        final = snapshots[-1]
+        return (system + history, final.a.text, final.b.text,
+                final.a.finish_reason == "length")
+
+    answers = await asyncio.gather(*(answer(k, p) for k, p in enumerate(plan.eval_prompts)))
+    side = random.Random(number)
+    outcome: Counter = Counter()
+    for context, mine, theirs, _ in answers:  # sides shuffled: an oracle may favour one
+        if side.random() < 0.5:
+            vote = await asyncio.to_thread(oracle, context, mine, theirs)
+        else:
+            flipped = await asyncio.to_thread(oracle, context, theirs, mine)
+            vote = {"a": "b", "b": "a"}.get(flipped, flipped)
+        outcome[{"a": "win", "b": "loss"}.get(vote, vote)] += 1
+    decided = outcome["win"] + outcome["loss"]
+    reward = getattr(oracle, "reward", None)
+    adapter = None if champion == BASE else Path(runtime.store.adapter(champion)["path"])
+    ratios = await asyncio.to_thread(log_ratios, runtime.loop.base_model, adapter,
+                                     [(c, mine) for c, mine, _, _ in answers],
+                                     [cut for *_, cut in answers])
+    return {
+        "round": number, "champion": champion, "candidate": runtime.store.candidate(),
+        "round_status": round_row["status"] if round_row else None,
+        "round_error": round_row["error"] if round_row else None,
+        "adapter": round_row["adapter"] if round_row else None,
+        "reward_champion": _mean([reward(c, m) for c, m, *_ in answers]) if reward else None,
+        "reward_base": _mean([reward(c, t) for c, _, t, _ in answers]) if reward else None,
+        "winrate_vs_base": outcome["win"] / decided if decided else None,
+        "wins": outcome["win"], "losses": outcome["loss"], "ties": outcome["tie"],
+        "both_bad": outcome["both_bad"], "kl": _mean(ratios),
+        "mean_words": _mean([len(m.split()) for _, m, *_ in answers]),
+    }
+
+
+def log_ratios(model_path: Path, adapter: Path | None, items: Sequence[tuple[Messages, str]],
+               cut: Sequence[bool] | None = None) -> list[float]:
+    """log π(y|x) − log π_base(y|x) for each (context, answer); all 0 without an adapter.
+
+    ``cut[i]``: answer i stopped at the token limit, so its end-of-turn token is not part
+    of what the policy sampled and is left out.
+    """
+    if adapter is None:
+        return [0.0] * len(items)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefloop.trainer.batch import collate, completion_logps
+    from prefloop.trainer.data import Message, PreferencePair
+    from prefloop.trainer.tokenize import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
+                                                attn_implementation="sdpa")
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    pairs = []
+    for context, answer in items:
+        prompt = tuple(Message(m["role"], m["content"]) for m in context)
+        # The trainer's tokeniser scores pairs; the second answer is a short stand-in.
+        other = "." if answer != "." else ".."
+        pair = tokenize_pair(tokenizer, PreferencePair(prompt, answer, other), 4096)
+        if cut and cut[len(pairs)] and pair.chosen_ids[-1] in tokenizer.all_special_ids \
+                and len(pair.chosen_ids) - pair.chosen_start > 1:
+            pair = dataclasses.replace(pair, chosen_ids=pair.chosen_ids[:-1])
+        pairs.append(pair)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), 8):
+            index = list(range(start, min(start + 8, len(pairs))))
+            batch = collate(pairs, index, pad)
+            policy = completion_logps(model, batch)[:len(index)]
+            with model.disable_adapter():
+                reference = completion_logps(model, batch)[:len(index)]
+            out += (policy - reference).tolist()
+    return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _point_line(point: dict[str, Any]) -> str:
+    def fmt(value: float | None, spec: str = ".3f") -> str:
+        return "n/a" if value is None else format(value, spec)
+    return (f"round {point['round']}: {point['round_status']}, champion {point['champion']}, "
+            f"reward {fmt(point['reward_champion'])} (base {fmt(point['reward_base'])}), "
+            f"win-rate vs base {fmt(point['winrate_vs_base'], '.2f')}, "
+            f"KL {fmt(point['kl'])} nats")
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    """report.json, report.md and the plots (reward per round, reward vs KL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    plot(report, folder)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+    lines = [f"# Simulation: oracle `{report['oracle']}`, promote `{report['promote']}`", "",
+             f"{report['pairs_per_round']} pairs per round, {report['eval_prompts']} held-out "
+             f"prompts, seed {report['seed']}. Round 0 is before any training.", "",
+             "| round | round status | champion | reward (champion) | reward (base) "
+             "| win-rate vs base | W/L/ties/both bad | KL nats/answer | mean words |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in report["points"]:
+        lines.append(
+            f"| {p['round']} | {p['round_status'] or '–'} | {p['champion']} "
+            f"| {fmt(p['reward_champion'], '.3f')} | {fmt(p['reward_base'], '.3f')} "
+            f"| {fmt(p['winrate_vs_base'], '.2f')} "
+            f"| {p['wins']}/{p['losses']}/{p['ties']}/{p['both_bad']} "
+            f"| {fmt(p['kl'], '.3f')} | {fmt(p['mean_words'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in report["points"] if p["reward_champion"] is not None]
+    if not points:
+        return
+    rounds = [p["round"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [p["reward_champion"] for p in points], "o-", label="champion")
+    ax.plot(rounds, [p["reward_base"] for p in points], "s--", label="base")
+    ax.set(xlabel="round", ylabel=f"mean {report['oracle']} reward", xticks=rounds,
+           title="Reward on held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "reward.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kls = [p["kl"] for p in points]
+    ax.plot(kls, [p["reward_champion"] for p in points], "o-")
+    for p in points:
+        ax.annotate(f"round {p['round']}", (p["kl"], p["reward_champion"]),
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="KL(champion ‖ base), nats per answer",
+           ylabel=f"mean {report['oracle']} reward", title="Reward vs KL")
+    fig.tight_layout()
+    fig.savefig(folder / "reward_vs_kl.png", dpi=100)
+    plt.close(fig)

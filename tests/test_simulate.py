@@ -1,0 +1,62 @@
+"""``prefloop simulate`` with the real components: vLLM, store, trainer subprocess, hot-swap."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from prefloop.cli import main
+from prefloop.sim.simulate import log_ratios
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
+        tmp_path: Path, external_args: list[str], embedded_model: Path) -> None:
+    data_dir, report = tmp_path / "data", tmp_path / "report"
+    result = CliRunner().invoke(main, [
+        "simulate", "--oracle", "concise", "--rounds", "1", "--pairs-per-round", "16",
+        "--eval-prompts", "6", "--report", str(report), "--data-dir", str(data_dir),
+        "--promote", "immediate", "--max-tokens", "32", "--train-lr", "5e-4",
+        "--adapter-prefix", "sim", *external_args])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((report / "report.json").read_text())
+    before, after = figures["points"]
+    assert before["round"] == 0 and before["champion"] == "base"
+    assert before["kl"] == 0.0  # base against itself
+    assert after["round_status"] == "succeeded" and after["champion"] == "v0001"
+    assert sum(after["votes"].values()) == 16
+    assert after["wins"] + after["losses"] + after["ties"] + after["both_bad"] == 6
+    assert after["kl"] > 0, f"KL {after['kl']}: the policy's samples should be likelier under it"
+    assert -1 <= after["reward_champion"] <= 1 and -1 <= after["reward_base"] <= 1
+    assert (report / "report.md").read_text().count("\n| ") >= 3
+    for plot in ("reward.png", "reward_vs_kl.png"):
+        assert (report / plot).read_bytes()[:4] == b"\x89PNG"
+    with sqlite3.connect(data_dir / "prefloop.db") as db:
+        assert db.execute("select count(*) from votes").fetchone()[0] == 16
+        assert db.execute("select status, adapter from rounds").fetchall() == \
+            [("succeeded", "v0001")]
+    assert (data_dir / "adapters" / "v0001" / "adapter_config.json").is_file()
+
+    # The KL estimate itself: 0 without an adapter; the trained adapter moves log-probs.
+    items = [([{"role": "user", "content": "Name a fruit."}], "An apple.")]
+    assert log_ratios(embedded_model, None, items) == [0.0]
+    assert log_ratios(embedded_model, data_dir / "adapters" / "v0001", items)[0] != 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--oracle", "nonsense"], "oracle"),
+    (["--oracle", "concise", "--rounds", "0"], "--rounds"),
+    (["--oracle", "concise", "--prompts", "/nope/prompts.txt"], "does not exist"),
+    (["--oracle", "judge"], "judge"),
+])
+def test_bad_simulate_arguments_are_refused(tmp_path: Path, args: list[str],
+                                            message: str) -> None:
+    result = CliRunner().invoke(main, ["simulate", *args, "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not (tmp_path / "d").exists()  # refused before anything started
