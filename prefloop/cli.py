@@ -236,12 +236,14 @@ if __name__ == "__main__":
               help="Your own prompts (one a line, or .jsonl with {\"prompt\": ...}).")
 @click.option("--eval-prompts", type=click.IntRange(1), default=None,
               help="Held-out prompts to measure on (default: all of them).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Pairs asked for at once (vLLM batches them).")
 @click.option("--judge-url", help="OpenAI-compatible server of the judge oracle (…/v1).")
 @click.option("--judge-model", help="Model name of the judge oracle; key from $JUDGE_API_KEY.")
 @settings_options
 def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round: int,
              report_dir: Path, seed: int, prompts_file: Path | None, eval_prompts: int | None,
-             judge_url: str | None, judge_model: str | None) -> None:
+             concurrency: int, judge_url: str | None, judge_model: str | None) -> None:
     """Run the real loop with an oracle voting instead of people, and report what it learned.
 
     Without --data-dir the simulation gets a fresh folder (never your own data folder).
@@ -265,7 +267,8 @@ def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round:
         settings = dataclasses.replace(
             settings, data_dir=Path(tempfile.mkdtemp(prefix="prefloop-sim-")))
     click.echo(f"data folder: {settings.data_dir}")
-    plan = SimulationPlan(rounds, pairs_per_round, train, held_out[:eval_prompts], seed)
+    plan = SimulationPlan(rounds, pairs_per_round, train, held_out[:eval_prompts], seed,
+                          concurrency)
     try:
         run_simulation(settings, plan, oracle, report_dir)
     except (ModelError, VLLMError) as exc:

@@ -136,3 +136,16 @@ def browser():
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+def open_page(browser, url: str) -> Iterator:
+    """A fresh browser context on ``url``; after the test, no JavaScript error may have
+    happened in the page. Use it as the body of a ``page`` fixture."""
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"

@@ -8,18 +8,13 @@ import sqlite3
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.conftest import open_page
+
 pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def page(browser, served) -> Page:
-    context = browser.new_context(viewport={"width": 1200, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(served.url + "/")
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors in the page: {errors}"
+    yield from open_page(browser, served.url + "/")
 
 
 def send(page: Page, text: str) -> None:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from playwright.sync_api import Page, expect
 
 from prefloop.cli import main
-from tests.conftest import ServeProcess
+from tests.conftest import ServeProcess, open_page
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,7 @@ def loop_served(tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture
 def page(browser, loop_served: ServeProcess) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1200, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(loop_served.url + "/")
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors in the page: {errors}"
+    yield from open_page(browser, loop_served.url + "/")
 
 
 def admin(page: Page, password: str, button: str) -> None:
