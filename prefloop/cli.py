@@ -225,13 +225,15 @@ if __name__ == "__main__":
 @main.command()
 @click.option("--oracle", "oracle_spec", required=True,
               help="sentiment | concise | judge | module:function | path/to/file.py:function")
-@click.option("--rounds", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--rounds", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Training rounds to run.")
 @click.option("--pairs-per-round", type=click.IntRange(1, 1_000_000), default=64,
               show_default=True, help="Pairs the oracle votes on before each round.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("simulation-report"), show_default=True,
               help="Folder for report.json, report.md and the plots.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the prompt split, the prompts drawn and the sampling seeds.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Your own prompts (one a line, or .jsonl with {\"prompt\": ...}).")
 @click.option("--eval-prompts", type=click.IntRange(1), default=None,
