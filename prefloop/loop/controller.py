@@ -167,29 +167,31 @@ class Loop:
         if self.store.count_trainable() == 0:
             raise LoopError("there are no trainable votes yet (votes for A, B or a written "
                             "answer)")
-        if not self._round_lock.acquire(blocking=False):
-            raise LoopError("a round is running; one round at a time")
-        try:
-            round_id = self.store.start_round(trigger)
-        except Conflict as exc:
-            self._round_lock.release()
-            raise LoopError(str(exc)) from None
+        round_id = self._begin(trigger)
         self._worker = threading.Thread(target=self._round_worker, args=(round_id,),
                                         name=f"round-{round_id}", daemon=True)
         self._worker.start()
         return round_id
 
-    def run_round(self, trigger: str) -> int | None:
-        """Run a round in this thread; returns its id (None if one was already running)."""
-        if not self._round_lock.acquire(blocking=False):
-            return self.store.record_skipped_round(trigger, "another round was running")
+    def run_round(self, trigger: str) -> int:
+        """Run a round in this thread; returns its id, or that of a ``skipped`` round when
+        one was already running."""
         try:
-            round_id = self.store.start_round(trigger)
-        except Conflict:
-            self._round_lock.release()
-            return None
+            round_id = self._begin(trigger)
+        except LoopError:
+            return self.store.record_skipped_round(trigger, "another round was running")
         self._round_worker(round_id)
         return round_id
+
+    def _begin(self, trigger: str) -> int:
+        """Take the round lock and record a running round (:class:`LoopError` if busy)."""
+        if not self._round_lock.acquire(blocking=False):
+            raise LoopError("a round is running; one round at a time")
+        try:
+            return self.store.start_round(trigger)
+        except Conflict as exc:
+            self._round_lock.release()
+            raise LoopError(str(exc)) from None
 
     def wait_for_round(self, timeout: float | None = None) -> None:
         if self._worker is not None:
