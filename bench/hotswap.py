@@ -80,9 +80,15 @@ class Watch:
         self._stop.set()
 
 
-async def client(http: httpx.AsyncClient, url: str, k: int, stop: asyncio.Event,
-                 log: list[dict]) -> None:
-    """Ask for a pair, vote, repeat; every request is logged with its outcome."""
+async def client(url: str, k: int, stop: asyncio.Event, log: list[dict]) -> None:
+    """Ask for a pair, vote, repeat; every request is logged with its outcome. Each client
+    has its own cookie jar (its own prefloop_client id)."""
+    async with httpx.AsyncClient(timeout=300) as http:
+        await _client(http, url, k, stop, log)
+
+
+async def _client(http: httpx.AsyncClient, url: str, k: int, stop: asyncio.Event,
+                  log: list[dict]) -> None:
     i = 0
     while not stop.is_set():
         i += 1
@@ -103,9 +109,14 @@ async def client(http: httpx.AsyncClient, url: str, k: int, stop: asyncio.Event,
         log.append(entry)
 
 
-async def probe(http: httpx.AsyncClient, url: str, watch: Watch, out: list[dict]) -> None:
+async def probe(url: str, watch: Watch, out: list[dict]) -> None:
     """A new visitor who asks 0.3 s after the folder appears (about when the load is done),
     and again after each answer, until the new adapter answers (at most 5 requests)."""
+    async with httpx.AsyncClient(timeout=300) as http:
+        await _probe(http, url, watch, out)
+
+
+async def _probe(http: httpx.AsyncClient, url: str, watch: Watch, out: list[dict]) -> None:
     while watch.appeared is None:
         await asyncio.sleep(0.01)
     await asyncio.sleep(max(0.0, watch.appeared + 0.3 - time.time()))
@@ -131,8 +142,8 @@ async def drive(url: str, clients: int, data_dir: Path, warmup: float, after: fl
     watch = Watch(data_dir / "adapters" / "v0001")
     probes: list[dict] = []
     async with httpx.AsyncClient(timeout=300) as http:
-        tasks = [asyncio.create_task(client(http, url, k, stop, log)) for k in range(clients)]
-        tasks.append(asyncio.create_task(probe(http, url, watch, probes)))
+        tasks = [asyncio.create_task(client(url, k, stop, log)) for k in range(clients)]
+        tasks.append(asyncio.create_task(probe(url, watch, probes)))
         await asyncio.sleep(warmup)
         round_start = time.time()
         response = await http.post(url + "/api/v1/admin/rounds",

@@ -72,6 +72,19 @@ class Settings:
     max_answer_chars: int = _setting(8000, "Most characters in a written better answer.",
                                      lo=1, hi=1_000_000)
     max_turns: int = _setting(50, "Most user turns in one conversation.", lo=1, hi=10_000)
+    # -- limits: a public demo meets crowds -------------------------------------------------
+    pairs_per_minute: int = _setting(20, "Pairs one client may ask for per minute (0: no "
+                                         "limit).", lo=0, hi=1_000_000)
+    votes_per_minute: int = _setting(60, "Votes one client may send per minute (0: no limit).",
+                                     lo=0, hi=1_000_000)
+    ip_pairs_per_minute: int = _setting(
+        0, "Pairs one IP address may ask for per minute, counted by salted hash, never "
+           "stored (0: off; behind a reverse proxy every visitor shares its address).",
+        lo=0, hi=1_000_000)
+    client_generations: int = _setting(2, "Pairs one client may have being written at once.",
+                                       lo=1, hi=1024)
+    max_generations: int = _setting(32, "Pairs being written at once over all clients; more "
+                                        "get 503 with Retry-After.", lo=1, hi=100_000)
     # -- the online loop -------------------------------------------------------------------
     train_every: float = _setting(10.0, "Minutes between checks for a training round.",
                                   lo=0.05, hi=10_080)

@@ -53,11 +53,15 @@ class ServeProcess:
         import subprocess
         import sys
 
+        import httpx
+
         from prefloop.serving.vllm_server import free_port
 
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # One visitor: its cookie jar keeps the prefloop_client id that votes must carry.
+        self.http = httpx.Client(base_url=self.url, timeout=120)
         self.log = data_dir / "serve.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         if "--vllm-url" in args:  # adapters of servers sharing one vLLM need their own names
@@ -89,6 +93,7 @@ class ServeProcess:
         import signal
         import subprocess
 
+        self.http.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -18,14 +18,14 @@ def counts(served) -> dict[str, int]:
 
 def new_pair(served, message: str = "Name a fruit.", conversation_id: str | None = None,
              seed: int | None = 11) -> dict:
-    response = httpx.post(served.url + "/api/v1/pairs", timeout=120, json={
+    response = served.http.post("/api/v1/pairs", json={
         "message": message, "conversation_id": conversation_id, "seed": seed})
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def vote(served, body: dict) -> httpx.Response:
-    return httpx.post(served.url + "/api/v1/votes", json=body, timeout=30)
+    return served.http.post("/api/v1/votes", json=body)
 
 
 def test_pair_then_vote_then_next_turn(served):
@@ -62,7 +62,7 @@ def test_second_vote_is_409_and_changes_nothing(served):
 def test_a_new_turn_waits_for_the_vote(served):
     pair = new_pair(served)
     before = counts(served)
-    response = httpx.post(served.url + "/api/v1/pairs", timeout=60, json={
+    response = served.http.post("/api/v1/pairs", json={
         "message": "next", "conversation_id": pair["conversation_id"]})
     assert response.status_code == 409 and pair["pair_id"] in response.json()["detail"]
     assert counts(served) == before
@@ -82,7 +82,7 @@ def test_a_new_turn_waits_for_the_vote(served):
 ])
 def test_bad_pair_requests_are_refused_and_store_nothing(served, body, status, fragment):
     before = counts(served)
-    response = httpx.post(served.url + "/api/v1/pairs", json=body, timeout=30)
+    response = served.http.post("/api/v1/pairs", json=body)
     assert response.status_code == status, response.text
     assert fragment in response.text
     assert counts(served) == before
@@ -113,7 +113,7 @@ def test_bad_votes_are_refused_and_store_nothing(served, body, status, fragment)
 def test_malformed_bodies_are_422(served, raw):
     before = counts(served)
     for path in ("/api/v1/pairs", "/api/v1/votes"):
-        response = httpx.post(served.url + path, content=raw, timeout=30,
+        response = served.http.post(path, content=raw,
                               headers={"content-type": "application/json"})
         assert response.status_code == 422, (path, raw, response.text)
     assert counts(served) == before

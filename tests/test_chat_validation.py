@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from prefloop.app.chat import ChatService, InputError, clean_text
+from prefloop.app.guard import Client
 from prefloop.config import Settings
 from prefloop.storage.store import Answer, Conflict, NotFound, Store
 
@@ -185,7 +186,7 @@ def test_written_answer_implies_choice_written(service: ChatService, store: Stor
                                                choice: str | None) -> None:
     """An answer with no choice (or 'written') is stored as the kept answer."""
     conversation_id, pair_id = open_turn(store)
-    row = service.vote(pair_id, choice, "Much better.", client_id="c1")
+    row = service.vote(pair_id, choice, "Much better.", client=Client("c1"))
     assert (row["choice"], row["answer"], row["client_id"]) == ("written", "Much better.", "c1")
     assert store.messages(conversation_id)[-1] == {"role": "assistant",
                                                    "content": "Much better."}

@@ -36,7 +36,7 @@ def health(server: ServeProcess) -> int:
 
 
 def pair(server: ServeProcess, message: str, conversation_id: str | None = None) -> dict:
-    response = httpx.post(server.url + "/api/v1/pairs", timeout=120, json={
+    response = server.http.post("/api/v1/pairs", json={
         "message": message, "conversation_id": conversation_id})
     assert response.status_code == 200, response.text
     return response.json()
@@ -65,9 +65,8 @@ def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, extern
         # A burst of votes, then SIGKILL: every acknowledged vote must be on disk.
         pairs = [first] + [pair(server, f"Count to {n}.") for n in range(2, 6)]
         with ThreadPoolExecutor(len(pairs)) as pool:
-            replies = list(pool.map(lambda p: httpx.post(
-                server.url + "/api/v1/votes", json={"pair_id": p["pair_id"], "choice": "a"},
-                timeout=30), pairs))
+            replies = list(pool.map(lambda p: server.http.post(
+                "/api/v1/votes", json={"pair_id": p["pair_id"], "choice": "a"}), pairs))
         acknowledged = {p["pair_id"] for p, r in zip(pairs, replies, strict=True)
                         if r.status_code == 200}
         assert len(acknowledged) == len(pairs)
@@ -88,6 +87,7 @@ def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, extern
     again = ServeProcess(data_dir, external_args)
     try:
         again.wait_ready()
+        again.http.cookies = server.http.cookies  # the same visitor comes back
         follow_up = pair(again, "And then?", first["conversation_id"])
         assert follow_up["conversation_id"] == first["conversation_id"]
     finally:

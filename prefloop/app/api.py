@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -9,7 +11,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from prefloop.app.chat import ChatService, InputError
+from prefloop.app.chat import ChatService, Forbidden, InputError
+from prefloop.app.guard import COOKIE, Client, Refused
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
 from prefloop.storage.store import Conflict, NotFound
@@ -44,6 +47,8 @@ class PairResponse(BaseModel):
 class VoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pair_id: StrictStr
+    conversation_id: StrictStr | None = Field(
+        None, description="If given, the pair must belong to this conversation.")
     choice: Literal["a", "b", "tie", "both_bad", "written"] | None = Field(
         None, description="Which answer is better; 'written' (or null) with `answer`.")
     answer: StrictStr | None = Field(None, description="A better answer written by the voter.")
@@ -64,17 +69,30 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-ERRORS = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
-          422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+ERRORS = {status: {"model": ErrorResponse} for status in (403, 404, 409, 422, 429, 503)}
+log = logging.getLogger(__name__)
+
+
+def request_client(service: ChatService, request: Request) -> Client:
+    """The client behind a request: the id :class:`~prefloop.app.guard.ClientCookies` put in
+    its cookies, and its address hashed."""
+    client_id = request.cookies.get(COOKIE)
+    if client_id is None:  # only without the middleware, e.g. a bare router in a test
+        raise Forbidden(f"no {COOKIE} cookie")
+    return service.guard.client(client_id, request.client.host if request.client else None)
 
 
 def api_router(service: ChatService) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["arena"])
 
     @router.post("/pairs", response_model=PairResponse, responses=ERRORS)
-    async def create_pair(body: PairRequest) -> PairResponse:
-        """Two answers to `message`, stored as a pair that awaits one vote."""
-        turn = await service.turn(body.message, body.conversation_id, seed=body.seed)
+    async def create_pair(body: PairRequest, request: Request) -> PairResponse:
+        """Two answers to `message`, stored as a pair that awaits one vote.
+
+        Keep the `prefloop_client` cookie of the reply: the vote and the next turn must
+        carry it."""
+        turn = await service.turn(body.message, body.conversation_id,
+                                  request_client(service, request), seed=body.seed)
         progress = turn.progress
         hidden = turn.kind == "duel"
         return PairResponse(
@@ -86,9 +104,10 @@ def api_router(service: ChatService) -> APIRouter:
             dropped_messages=progress.dropped_messages)
 
     @router.post("/votes", response_model=VoteResponse, responses=ERRORS)
-    def create_vote(body: VoteRequest) -> VoteResponse:
+    def create_vote(body: VoteRequest, request: Request) -> VoteResponse:
         """Record the vote on a pair. A 200 reply means it is on disk."""
-        row = service.vote(body.pair_id, body.choice, body.answer)
+        row = service.vote(body.pair_id, body.choice, body.answer,
+                           request_client(service, request), body.conversation_id)
         return VoteResponse(pair_id=row["pair_id"], choice=row["choice"], kind=row["kind"],
                             policy_a=row["policy_a"], policy_b=row["policy_b"],
                             decision=row["decision"])
@@ -116,6 +135,21 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
         return handle
 
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Refused)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status,
+                            headers={"Retry-After": str(exc.retry_after)})
+
+    async def database(request: Request, exc: Exception) -> JSONResponse:
+        # Locked past the busy timeout, disk full, I/O error: nothing was written.
+        log.error("database error on %s: %s", request.url.path, exc)
+        return JSONResponse({"detail": f"the database could not be written ({exc}); nothing "
+                                       "was saved, try again"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    app.add_exception_handler(Refused, refused)
+    app.add_exception_handler(sqlite3.Error, database)
+    app.add_exception_handler(Forbidden, handler(403))
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(Conflict, handler(409))
     app.add_exception_handler(InputError, handler(422))

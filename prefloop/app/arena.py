@@ -7,13 +7,15 @@ can call without a browser. :func:`build_arena` wires them to Gradio components.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
-from prefloop.app.chat import ChatService, InputError
+from prefloop.app.chat import ChatService, Forbidden, InputError
+from prefloop.app.guard import Client, Refused, parse_client_id
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
 from prefloop.storage.store import Conflict, NotFound
@@ -82,15 +84,26 @@ class ArenaHandlers:
     def __init__(self, service: ChatService) -> None:
         self.service = service
 
-    async def send(self, message: str, state: ArenaState | None) -> AsyncIterator[View]:
+    def client(self, request: gr.Request | None) -> Client | None:
+        """The visitor behind a page event, from the cookie the app's middleware set."""
+        if request is None:
+            return None
+        client_id = parse_client_id(request.headers.get("cookie", ""))
+        if client_id is None:
+            return None
+        host = request.client.host if request.client else None
+        return self.service.guard.client(client_id, host)
+
+    async def send(self, message: str, state: ArenaState | None,
+                   client: Client | None = None) -> AsyncIterator[View]:
         state = state or ArenaState()
         if state.pair_id is not None:
             yield View(state, _shown(state), status="Vote on these answers first.",
                        voting=True, typing=False)
             return
         try:
-            self.service.check_turn(message, state.conversation_id)
-        except (InputError, NotFound, Conflict) as exc:
+            self.service.check_turn(message, state.conversation_id, client)
+        except (InputError, NotFound, Conflict, Forbidden) as exc:
             yield View(state, _shown(state), status=f"⚠️ {exc}")
             return
         state.pending_message = message
@@ -98,7 +111,8 @@ class ArenaHandlers:
         yield View(state, chat, "…", "…", status="Writing two answers…", typing=False,
                    clear_message=True)
         try:
-            async for turn in self.service.stream_turn(message, state.conversation_id):
+            async for turn in self.service.stream_turn(message, state.conversation_id,
+                                                       client):
                 progress = turn.progress
                 note = ""
                 if progress.dropped_messages:
@@ -113,17 +127,24 @@ class ArenaHandlers:
                 else:
                     yield View(state, chat, progress.a.text or "…", progress.b.text or "…",
                                status=note + "Writing two answers…", typing=False)
-        except (SamplingError, ContextTooLong, InputError, NotFound, Conflict) as exc:
+        except (SamplingError, ContextTooLong, InputError, NotFound, Conflict, Forbidden,
+                Refused) as exc:
             state.pending_message = None
             yield View(state, _shown(state), status=f"⚠️ {exc}")
+        except sqlite3.Error:
+            log.exception("storing a pair failed")
+            state.pending_message = None
+            yield View(state, _shown(state), status="⚠️ The answers could not be saved; "
+                       "please send your message again.")
 
-    def vote(self, choice: str, state: ArenaState | None, answer: str | None = None) -> View:
+    def vote(self, choice: str, state: ArenaState | None, answer: str | None = None,
+             client: Client | None = None) -> View:
         state = state or ArenaState()
         if state.pair_id is None:
             return View(state, _shown(state), status="Send a message first.")
         try:
-            result = self.service.vote(state.pair_id, choice, answer)
-        except (InputError, NotFound, Conflict) as exc:
+            result = self.service.vote(state.pair_id, choice, answer, client)
+        except (InputError, NotFound, Conflict, Forbidden, Refused) as exc:
             return View(state, _shown(state), status=f"⚠️ {exc}", voting=True, typing=False)
         except Exception:  # not stored (e.g. disk full): say so and keep the buttons
             log.exception("vote on pair %s failed", state.pair_id)
@@ -170,19 +191,25 @@ def build_arena(handlers: ArenaHandlers) -> None:
     outputs = [state, chat, answer_a, answer_b, status, *disabled_until_vote, message, send,
                written]
 
-    async def on_send(text: str, current: ArenaState | None):
-        async for view in handlers.send(text, current):
+    async def on_send(text: str, current: ArenaState | None, request: gr.Request):
+        async for view in handlers.send(text, current, handlers.client(request)):
             yield view.updates()
+
+    def voter(choice: str) -> Callable[..., tuple[Any, ...]]:
+        def on_vote(current: ArenaState | None, request: gr.Request) -> tuple[Any, ...]:
+            return handlers.vote(choice, current, client=handlers.client(request)).updates()
+        return on_vote
+
+    def on_written(text: str, current: ArenaState | None,
+                   request: gr.Request) -> tuple[Any, ...]:
+        return handlers.vote("written", current, text, handlers.client(request)).updates()
 
     for trigger in (send.click, message.submit):
         trigger(on_send, [message, state], outputs, concurrency_limit=None,
                 show_progress="hidden")
     for button, choice in ((better_a, "a"), (better_b, "b"), (tie, "tie"),
                            (both_bad, "both_bad")):
-        button.click(lambda current, c=choice: handlers.vote(c, current).updates(), [state],
-                     outputs, concurrency_limit=None)
-    submit_written.click(
-        lambda text, current: handlers.vote("written", current, text).updates(),
-        [written, state], outputs, concurrency_limit=None)
+        button.click(voter(choice), [state], outputs, concurrency_limit=None)
+    submit_written.click(on_written, [written, state], outputs, concurrency_limit=None)
     new.click(lambda current: handlers.new_conversation(current).updates(), [state], outputs)
     assert len(outputs) == len(View(ArenaState(), []).updates())

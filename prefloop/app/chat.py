@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from prefloop.app.guard import COOKIE, Client, Guard
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop
 from prefloop.loop.duels import TurnPlan
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 
 class InputError(ValueError):
     """Input a person or client sent that we refuse; the message says why."""
+
+
+class Forbidden(Exception):
+    """A client reached for a conversation or pair of another client (HTTP 403)."""
 
 
 @dataclass
@@ -49,17 +54,24 @@ class ChatService:
     """Conversations in the arena: each user turn gets two answers and one vote."""
 
     def __init__(self, settings: Settings, store: Store, sampler: PairSampler,
-                 loop: Loop | None = None) -> None:
+                 loop: Loop | None = None, guard: Guard | None = None) -> None:
         self.settings = settings
         self.store = store
         self.sampler = sampler
         self.loop = loop  # None: every turn is two samples from base
+        self.guard = guard or Guard(settings)
+        # Called with each stored pair's kind and final snapshot (e.g. latency metrics).
+        self.on_pair: list[Callable[[str, PairProgress], None]] = []
 
-    def check_turn(self, message: object, conversation_id: str | None) -> str:
+    def check_turn(self, message: object, conversation_id: str | None,
+                   client: Client | None = None) -> str:
         """Validate a new user turn before any work is done; returns the message."""
         text = clean_text(message, "the message", self.settings.max_message_chars)
         if conversation_id is not None:
-            self.store.conversation(conversation_id)  # NotFound for unknown ids
+            if not isinstance(conversation_id, str):
+                raise InputError("conversation_id must be a string")
+            owner = self.store.conversation(conversation_id)["client_id"]  # NotFound
+            _check_owner(owner, client, "conversation")
             if (open_id := self.store.open_pair(conversation_id)) is not None:
                 raise Conflict(f"vote on pair {open_id} before sending the next message")
             turns = sum(m["role"] == "user" for m in self.store.messages(conversation_id))
@@ -69,13 +81,20 @@ class ChatService:
         return text
 
     async def stream_turn(self, message: object, conversation_id: str | None = None,
-                          client_id: str | None = None,
+                          client: Client | None = None,
                           seed: int | None = None) -> AsyncIterator[Turn]:
         """Stream both answers to ``message``; the last :class:`Turn` has the stored pair.
 
-        Nothing is stored unless both answers complete, so a failure leaves no trace.
+        Nothing is stored unless both answers complete, so a failure leaves no trace. A
+        ``client`` is held to its rate limits (:class:`~prefloop.app.guard.Refused`).
         """
-        text = self.check_turn(message, conversation_id)
+        text = self.check_turn(message, conversation_id, client)
+        with self.guard.generation(client):
+            async for turn in self._stream_turn(text, conversation_id, client, seed):
+                yield turn
+
+    async def _stream_turn(self, text: str, conversation_id: str | None,
+                           client: Client | None, seed: int | None) -> AsyncIterator[Turn]:
         history = self.store.messages(conversation_id) if conversation_id else []
         history.append({"role": "user", "content": text})
         plan = self.loop.plan_turn() if self.loop else TurnPlan("sample", "base", "base")
@@ -87,7 +106,7 @@ class ChatService:
                 yield Turn(conversation_id, progress, plan.kind)
         assert final is not None and final.done
         if conversation_id is None:
-            conversation_id = self.store.create_conversation(client_id)
+            conversation_id = self.store.create_conversation(client and client.id)
         # The stored context is the conversation as the person sees it (not cut short);
         # dropped_messages says how much of it the model did not see.
         context = ([{"role": "system", "content": self.settings.system_prompt}]
@@ -100,19 +119,26 @@ class ChatService:
                    final.b.tokens), kind=plan.kind,
             dropped_messages=final.dropped_messages, sampling=self.sampler.sampling.as_dict(),
             first_token_ms=final.first_token_ms, total_ms=final.total_ms)
+        for observe in self.on_pair:
+            observe(plan.kind, final)
         yield Turn(conversation_id, final, plan.kind, pair_id)
 
     async def turn(self, message: object, conversation_id: str | None = None,
-                   client_id: str | None = None, seed: int | None = None) -> Turn:
+                   client: Client | None = None, seed: int | None = None) -> Turn:
         """Both answers to ``message``, stored; for clients that do not stream."""
-        turns = [turn async for turn in self.stream_turn(message, conversation_id, client_id,
+        turns = [turn async for turn in self.stream_turn(message, conversation_id, client,
                                                          seed)]
         assert turns[-1].pair_id is not None
         return turns[-1]
 
     def vote(self, pair_id: object, choice: object, answer: object = None,
-             client_id: str | None = None) -> dict:
-        """Record a vote; ``answer`` (a written better answer) implies choice ``written``."""
+             client: Client | None = None, conversation_id: object = None) -> dict:
+        """Record a vote; ``answer`` (a written better answer) implies choice ``written``.
+
+        A ``client`` may vote only on its own pairs, within its vote rate; with
+        ``conversation_id`` the pair must belong to that conversation.
+        """
+        self.guard.admit_vote(client)
         if not isinstance(pair_id, str) or not pair_id:
             raise InputError("pair_id must be a non-empty string")
         if answer is not None and choice in (None, "written"):
@@ -124,7 +150,11 @@ class ChatService:
             raise InputError(f"choice must be one of {', '.join(CHOICES)}")
         if choice == "written" and answer is None:
             raise InputError("choice 'written' needs the answer text")
-        row = self.store.vote(pair_id, choice, answer, client_id)
+        pair_conversation, owner = self.store.pair_owner(pair_id)  # NotFound
+        _check_owner(owner, client, "pair")
+        if conversation_id is not None and conversation_id != pair_conversation:
+            raise Conflict(f"pair {pair_id} belongs to another conversation")
+        row = self.store.vote(pair_id, choice, answer, client and client.id)
         pair = self.store.pair(pair_id)
         decision = None
         if self.loop is not None:
@@ -135,3 +165,10 @@ class ChatService:
         # The policies behind the answers, revealed now that the vote is in.
         return {**row, "kind": pair["kind"], "policy_a": pair["policy_a"],
                 "policy_b": pair["policy_b"], "decision": decision}
+
+
+def _check_owner(owner: str | None, client: Client | None, what: str) -> None:
+    """A client may use only what it started (internal callers, ``None``, may use all)."""
+    if client is not None and owner is not None and owner != client.id:
+        raise Forbidden(f"this {what} belongs to another client (votes and follow-ups must "
+                        f"come with the {COOKIE} cookie of the client that started it)")

@@ -17,8 +17,10 @@ from fastapi import FastAPI
 from prefloop.app.api import api_router, health_router, install_error_handlers
 from prefloop.app.arena import ArenaHandlers, build_arena
 from prefloop.app.chat import ChatService
+from prefloop.app.guard import ClientCookies
 from prefloop.app.loop_api import loop_routers
 from prefloop.app.loop_tabs import build_loop_tabs
+from prefloop.app.metrics import Metrics
 from prefloop.config import Settings, admin_password
 from prefloop.loop.controller import Loop
 from prefloop.serving.adapters import AdapterPool
@@ -47,10 +49,13 @@ def build_page(service: ChatService, admin_password: str | None = None) -> gr.Bl
 
 
 def create_app(settings: Settings, store: Store, sampler: PairSampler,
-               loop: Loop | None = None, admin_password: str | None = None) -> FastAPI:
+               loop: Loop | None = None, admin_password: str | None = None,
+               vllm_restarts: Callable[[], int] | None = None) -> FastAPI:
     """The whole web app over an open store and a sampler (and the loop, if it runs);
     starts nothing itself."""
     service = ChatService(settings, store, sampler, loop)
+    metrics = Metrics(store, service.guard, vllm_restarts)
+    service.on_pair.append(metrics.observe_pair)
     health = httpx.AsyncClient(timeout=2.0)
 
     async def checks() -> dict[str, bool]:
@@ -75,8 +80,10 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     app = FastAPI(title="prefloop", version="0.1.0", lifespan=lifespan,
                   description="Chat with two answers per turn; votes train the model.")
     install_error_handlers(app)
+    app.add_middleware(ClientCookies)
     app.include_router(api_router(service))
     app.include_router(health_router(checks))
+    app.include_router(metrics.router())
     if loop is not None:
         for router in loop_routers(loop, admin_password):
             app.include_router(router)
@@ -161,7 +168,9 @@ def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     runtime = start_runtime(settings, progress)
     try:
         sampler = make_sampler(settings, runtime)
-        app = create_app(settings, runtime.store, sampler, runtime.loop, admin_password())
+        vllm = runtime.vllm
+        app = create_app(settings, runtime.store, sampler, runtime.loop, admin_password(),
+                         vllm_restarts=(lambda: vllm.restarts) if vllm is not None else None)
         progress(f"prefloop is up: http://{settings.host}:{settings.port}")
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from prefloop.storage.migrations import migrations
 
 CHOICES = ("a", "b", "tie", "both_bad", "written")
 """Vote choices. ``written`` carries the person's own answer in ``answer``."""
+ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
 
 
 class StoreError(Exception):
@@ -179,6 +180,16 @@ class Store:
         row["sampling"] = json.loads(row["sampling"] or "{}")
         return row
 
+    def pair_owner(self, pair_id: str) -> tuple[str, str | None]:
+        """The conversation a pair belongs to, and that conversation's client id."""
+        with self._lock:
+            row = self.db.execute(
+                "select c.id, c.client_id from pairs p join conversations c "
+                "on c.id = p.conversation_id where p.id = ?", [pair_id]).fetchone()
+        if row is None:
+            raise NotFound(f"pair {pair_id!r} does not exist")
+        return row[0], row[1]
+
     # -- votes ----------------------------------------------------------------------------
 
     def vote(self, pair_id: str, choice: str, answer: str | None = None,
@@ -292,6 +303,12 @@ class Store:
             counts = dict(self.db.execute(
                 "select choice, count(*) from votes group by choice").fetchall())
         return {choice: counts.get(choice, 0) for choice in CHOICES}
+
+    def rounds_by_status(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self.db.execute(
+                "select status, count(*) from rounds group by status").fetchall())
+        return {status: counts.get(status, 0) for status in ROUND_STATUSES}
 
     def votes_per_hour(self, hours: int = 48) -> list[dict[str, Any]]:
         """Votes counted per UTC hour, the last ``hours`` hours that had any."""

@@ -1,0 +1,97 @@
+"""``GET /metrics`` in Prometheus' text format.
+
+Counts that live in the database (pairs, votes, rounds, adapters) are read from it at each
+scrape, so they are right across restarts; latencies and refusals are counted in memory since
+the process started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from prefloop.app.guard import Guard
+from prefloop.serving.sampler import PairProgress
+from prefloop.storage.store import Store
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class StoreCollector(Collector):
+    """What the database, the guard and the vLLM supervisor say, at scrape time."""
+
+    def __init__(self, store: Store, guard: Guard,
+                 vllm_restarts: Callable[[], int] | None) -> None:
+        self.store, self.guard, self.vllm_restarts = store, guard, vllm_restarts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.store.counts()
+        yield CounterMetricFamily("prefloop_conversations", "Conversations started.",
+                                  value=counts["conversations"])
+        yield CounterMetricFamily("prefloop_pairs", "Answer pairs stored.",
+                                  value=counts["pairs"])
+        votes = CounterMetricFamily("prefloop_votes", "Votes stored, by choice.",
+                                    labels=["choice"])
+        for choice, n in self.store.votes_by_choice().items():
+            votes.add_metric([choice], n)
+        yield votes
+        rounds = GaugeMetricFamily("prefloop_rounds", "Training rounds, by status.",
+                                   labels=["status"])
+        for status, n in self.store.rounds_by_status().items():
+            rounds.add_metric([status], n)
+        yield rounds
+        policy = GaugeMetricFamily("prefloop_policy", "1 for the current champion and "
+                                   "candidate.", labels=["role", "policy"])
+        policy.add_metric(["champion", self.store.champion()], 1)
+        if (candidate := self.store.candidate()) is not None:
+            policy.add_metric(["candidate", candidate], 1)
+        yield policy
+        yield GaugeMetricFamily("prefloop_generations_running", "Pairs being written now.",
+                                value=self.guard.running)
+        refused = CounterMetricFamily("prefloop_refused_requests", "Requests turned away "
+                                      "(429/503), by the limit that did it.",
+                                      labels=["limit"])
+        for limit, n in sorted(self.guard.refused.items()):
+            refused.add_metric([limit], n)
+        yield refused
+        if self.vllm_restarts is not None:
+            yield CounterMetricFamily("prefloop_vllm_restarts", "Times the supervisor "
+                                      "restarted vLLM after it died.",
+                                      value=self.vllm_restarts())
+
+
+class Metrics:
+    """One registry per app (tests build many apps in one process)."""
+
+    def __init__(self, store: Store, guard: Guard,
+                 vllm_restarts: Callable[[], int] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(StoreCollector(store, guard, vllm_restarts))
+        self.first_token = Histogram(
+            "prefloop_first_token_seconds", "Time to the first token of a pair (the slower "
+            "answer).", ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.pair_time = Histogram(
+            "prefloop_pair_seconds", "Time to write both answers of a pair.", ["kind"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def observe_pair(self, kind: str, progress: PairProgress) -> None:
+        if progress.first_token_ms is not None:
+            self.first_token.labels(kind).observe(progress.first_token_ms / 1000)
+        if progress.total_ms is not None:
+            self.pair_time.labels(kind).observe(progress.total_ms / 1000)
+
+    def router(self) -> APIRouter:
+        router = APIRouter(tags=["health"])
+
+        @router.get("/metrics", response_class=Response)
+        def metrics() -> Response:
+            """Prometheus text format: pairs, votes, rounds, policies, latencies, refusals."""
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return router
