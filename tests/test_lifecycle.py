@@ -4,6 +4,7 @@ votes loses nothing acknowledged and leaves no vLLM behind, SIGTERM stops everyt
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from prefloop.serving.vllm_server import group_alive
+from prefloop.storage.store import Store
 from tests.conftest import ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -46,24 +48,74 @@ def vllm_pgid(data_dir: Path) -> int:
     return int((data_dir / "logs" / "vllm.pid").read_text())
 
 
+def lora_adapter(model: Path, folder: Path) -> Path:
+    """A real PEFT LoRA adapter on ``model`` (freshly initialised: it answers as the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        folder)
+    return folder
+
+
+def metric(server: ServeProcess, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(server.http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(name)
+
+
 def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, external_args):
     data_dir = tmp_path / "data"
-    own = ["--model", str(embedded_model), "--vllm-memory-fraction", "0.3"]
+    # A champion and a candidate, so every turn is a duel between two adapters.
+    adapter = lora_adapter(embedded_model, data_dir / "adapters" / "v0001")
+    with Store(data_dir / "prefloop.db") as store:
+        store.add_adapter("v0001", adapter, None, "base")
+        store.crown("v0001", "test")
+        shutil.copytree(adapter, data_dir / "adapters" / "v0002")
+        store.add_adapter("v0002", data_dir / "adapters" / "v0002", None, "v0001")
+    own = ["--model", str(embedded_model), "--vllm-memory-fraction", "0.3",
+           "--duel-share", "1", "--baseline-share", "0", "--max-tokens", "96"]
     server = ServeProcess(data_dir, own)
     try:
         server.wait_ready()
         first = pair(server, "Hello!")
+        assert first["kind"] == "duel"
+        assert server.http.post("/api/v1/votes", json={"pair_id": first["pair_id"],
+                                                       "choice": "b"}).status_code == 200
 
-        # vLLM dies: health says so, the supervisor starts it again, answers come back.
+        # vLLM dies while a pair is being written: that request gets a clear 503, the
+        # supervisor starts vLLM again with both adapters, and the next pair works.
         old = vllm_pgid(data_dir)
-        os.kill(old, signal.SIGKILL)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(server.http.post, "/api/v1/pairs",
+                                  json={"message": "Tell me a long story about a fox."})
+            wait_for(lambda: metric(server, "prefloop_generations_running") == 1, 30,
+                     "the pair to be in progress")
+            time.sleep(0.5)  # tokens are streaming
+            os.kill(old, signal.SIGKILL)
+            broken = pending.result()
+        assert broken.status_code == 503, broken.text
+        assert "model server" in broken.json()["detail"]
+        assert broken.headers["Retry-After"]
         wait_for(lambda: health(server) == 503, 30, "healthz to report the dead model")
         wait_for(lambda: health(server) == 200, 300, "vLLM to be restarted")
         assert vllm_pgid(data_dir) != old
         wait_for(lambda: not group_alive(old), 30, "the old vLLM's processes to end")
+        wait_for(lambda: metric(server, "prefloop_vllm_restarts_total") == 1, 60,
+                 "the restart to be counted")
+        again = pair(server, "Hello again!", first["conversation_id"])
+        vote = server.http.post("/api/v1/votes", json={"pair_id": again["pair_id"],
+                                                       "choice": "a"}).json()
+        assert {vote["policy_a"], vote["policy_b"]} == {"v0001", "v0002"}  # both reloaded
 
         # A burst of votes, then SIGKILL: every acknowledged vote must be on disk.
-        pairs = [first] + [pair(server, f"Count to {n}.") for n in range(2, 6)]
+        pairs = [pair(server, f"Count to {n}.") for n in range(2, 7)]
         with ThreadPoolExecutor(len(pairs)) as pool:
             replies = list(pool.map(lambda p: server.http.post(
                 "/api/v1/votes", json={"pair_id": p["pair_id"], "choice": "a"}), pairs))

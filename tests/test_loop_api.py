@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from starlette.testclient import TestClient
 
 from prefloop.app.server import create_app
@@ -81,7 +83,7 @@ def complete_adapter(loop: Loop, name: str) -> None:
     """An adapter folder that passes every local check; only the model server can refuse it."""
     folder = fake_adapter(loop, name)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    (folder / "adapter_model.safetensors").write_bytes(b"")
+    save_file({"lora_A": torch.zeros(8, 4)}, str(folder / "adapter_model.safetensors"))
 
 
 def loop_state(loop: Loop) -> dict[str, Any]:

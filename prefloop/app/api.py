@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -147,6 +148,15 @@ def install_error_handlers(app: FastAPI) -> None:
                                        "was saved, try again"},
                             status_code=503, headers={"Retry-After": "5"})
 
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's default echoes the input back, which fails to encode (a 500) when it
+        # holds a lone surrogate, and can be large: say what is wrong and where, not what.
+        assert isinstance(exc, RequestValidationError)
+        errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())),
+                   "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(sqlite3.Error, database)
     app.add_exception_handler(Forbidden, handler(403))

@@ -21,7 +21,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prefloop.config import Settings
 from prefloop.loop.duels import TurnPlan, duel_record, plan_turn, verdict
 from prefloop.loop.ratings import Duel, duel_score, fit_bradley_terry, leaderboard
-from prefloop.loop.rounds import TRAINER, RoundFailed, TrainerJob, run_trainer, snapshot_pairs
+from prefloop.loop.rounds import (
+    TRAINER,
+    RoundFailed,
+    TrainerJob,
+    remove_partial_adapters,
+    run_trainer,
+    snapshot_pairs,
+)
 from prefloop.serving.adapters import BASE, AdapterError, AdapterPool
 from prefloop.storage.store import Conflict, NotFound, Store
 
@@ -65,6 +72,8 @@ class Loop:
         failed = self.store.fail_running_rounds("prefloop stopped while the round was running")
         if failed:
             log.warning("rounds %s were running when prefloop stopped; marked failed", failed)
+        if removed := remove_partial_adapters(self.settings.adapters_dir):
+            log.warning("removed adapter folders a crash left half-written: %s", removed)
         self.reload_adapters()
 
     def reload_adapters(self) -> None:
@@ -233,6 +242,9 @@ class Loop:
             metrics = run_trainer(job, work / "trainer.log", s.trainer_timeout, on_event,
                                   self._stop, self.trainer_command)
         except RoundFailed as exc:
+            # A trainer killed while saving leaves its temporary folder: nothing half-written
+            # stays in the adapters folder.
+            remove_partial_adapters(s.adapters_dir, name)
             self.store.update_round(round_id, status="failed", error=str(exc))
             return
         # Load first, book-keep after: serving the new adapter is what people wait for.
@@ -258,7 +270,7 @@ class Loop:
     def next_adapter_name(self) -> str:
         """A version never used before: above every stored adapter and every folder."""
         used = [a["name"] for a in self.store.adapters()]
-        if self.settings.adapters_dir.is_dir():  # also ".vNNNN.tmp-*" left by a crash
+        if self.settings.adapters_dir.is_dir():  # also a ".vNNNN.tmp-*" being written
             used += [p.name for p in self.settings.adapters_dir.iterdir()]
         numbers = [int(m[1]) for n in used if (m := re.match(r"^\.?v(\d{4,})", n))]
         return f"v{max(numbers, default=0) + 1:04d}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,17 @@ def run_trainer(job: TrainerJob, log_path: Path, timeout: float,
         raise RoundFailed(f"the trainer exited with code {proc.returncode}: "
                           f"{_last_error(log_path)} (log: {log_path})")
     return _metrics(job.out)
+
+
+def remove_partial_adapters(adapters_dir: Path, name: str = "v*") -> list[str]:
+    """Delete the temporary folders a trainer that died while saving left behind
+    (``.vNNNN.tmp-*``); finished adapters are renamed into place, so they are never here."""
+    removed = []
+    if adapters_dir.is_dir():
+        for partial in adapters_dir.glob(f".{name}.tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial.name)
+    return removed
 
 
 def _metrics(out: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,32 @@ def served_name(policy: str, prefix: str = "prefloop") -> str:
     return BASE if policy == BASE else f"{prefix}-{policy}"
 
 
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`AdapterError` unless ``path`` is a whole safetensors file: a JSON header
+    whose tensors end exactly where the file does (a cut-short copy fails here, before vLLM
+    ever reads it)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= length <= min(size - 8, 100_000_000):
+                raise AdapterError(f"{path} is not a safetensors file (bad header length)")
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path} cannot be read as safetensors: {exc}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path} is not a safetensors file (header is not a table)")
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"
+            and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)
+            and len(t["data_offsets"]) == 2 and isinstance(t["data_offsets"][1], int)]
+    if len(ends) != len(header) - ("__metadata__" in header) or not ends:
+        raise AdapterError(f"{path} is not a safetensors file (bad tensor entries)")
+    if 8 + length + max(ends) != size:
+        raise AdapterError(f"{path} is cut short or padded: {size:,} bytes, the header "
+                           f"describes {8 + length + max(ends):,}")
+
+
 def check_adapter(path: Path, base_model: Path | None, max_rank: int) -> None:
     """Raise :class:`AdapterError` unless ``path`` is a complete PEFT LoRA folder made for
     ``base_model`` (None: do not check the base) with a rank vLLM accepts."""
@@ -50,6 +77,9 @@ def check_adapter(path: Path, base_model: Path | None, max_rank: int) -> None:
         raise AdapterError(f"{config_file} does not describe a LoRA adapter")
     if not any((Path(path) / name).is_file() for name in WEIGHT_FILES):
         raise AdapterError(f"{path} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    safetensors = Path(path) / "adapter_model.safetensors"
+    if safetensors.is_file():
+        check_safetensors(safetensors)
     rank = config.get("r")
     if not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise AdapterError(f"LoRA rank {rank!r} is outside 1..{max_rank} (lora_max_rank)")

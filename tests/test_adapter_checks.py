@@ -1,0 +1,58 @@
+"""Adapter folders are checked before vLLM sees them: a cut-short or garbled weights file is
+refused with a reason (vLLM is never asked to read it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prefloop.serving.adapters import AdapterError, check_adapter, check_safetensors
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> Path:
+    folder = tmp_path / "v0001"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "base_model_name_or_path": str(tmp_path / "base")}))
+    save_file({"a.lora_A.weight": torch.ones(8, 16), "a.lora_B.weight": torch.zeros(16, 8)},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_a_whole_adapter_passes(adapter: Path, tmp_path: Path) -> None:
+    check_adapter(adapter, tmp_path / "base", 16)
+    check_safetensors(adapter / "adapter_model.safetensors")
+
+
+def rewrite(path: Path, change) -> None:
+    path.write_bytes(change(path.read_bytes()))
+
+
+@pytest.mark.parametrize("case, change, reason", [
+    ("cut short", lambda b: b[:-100], "cut short"),
+    ("padded", lambda b: b + b"\0" * 10, "cut short or padded"),
+    ("empty", lambda b: b"", "bad header length"),
+    ("header length beyond the file", lambda b: (10**6).to_bytes(8, "little") + b[8:],
+     "bad header length"),
+    ("header not JSON", lambda b: b[:8] + b"{" * (len(b) - 8), "cannot be read"),
+    ("header not a table", lambda b: (2).to_bytes(8, "little") + b"[]", "not a table"),
+    ("random bytes", lambda b: bytes(range(256)) * 4, "bad header length"),
+])
+def test_garbled_weights_are_refused(adapter: Path, tmp_path: Path, case, change,
+                                     reason: str) -> None:
+    rewrite(adapter / "adapter_model.safetensors", change)
+    with pytest.raises(AdapterError, match=reason):
+        check_adapter(adapter, tmp_path / "base", 16)
+
+
+def test_bad_tensor_entries_are_refused(adapter: Path, tmp_path: Path) -> None:
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}}).encode()
+    (adapter / "adapter_model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(AdapterError, match="bad tensor entries"):
+        check_adapter(adapter, tmp_path / "base", 16)
