@@ -133,10 +133,13 @@ def status(settings: Settings, as_json: bool) -> None:
               help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF transcripts.")
 @click.option("--since", default=None, metavar="DATE",
               help="Only votes at or after this ISO date or time (UTC), e.g. 2026-11-01.")
+@click.option("--with-client-ids", is_flag=True,
+              help="Add each voter's random client id (left out unless asked for).")
 @settings_options
-def export_command(settings: Settings, out: Path, fmt: str, since: str | None) -> None:
+def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
+                   with_client_ids: bool) -> None:
     """Write the stored votes as preference pairs (ties and both-bad are left out)."""
-    from prefloop.storage.exchange import preferences, to_hh, to_trl
+    from prefloop.storage.exchange import pair_preferences, to_hh, to_trl
     from prefloop.storage.store import Store
 
     if since is not None:
@@ -153,9 +156,13 @@ def export_command(settings: Settings, out: Path, fmt: str, since: str | None) -
     count = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for pref in preferences(store, since):
-                f.write(json.dumps(convert(pref), ensure_ascii=False) + "\n")
-                count += 1
+            for row in store.voted_pairs(since):
+                for pref in pair_preferences(row):
+                    record = convert(pref)
+                    if with_client_ids:
+                        record["client_id"] = row["voter"]
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    count += 1
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

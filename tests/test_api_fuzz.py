@@ -26,7 +26,8 @@ DEAD = "http://127.0.0.1:9"
 CLEAR = {200, 400, 403, 404, 409, 422, 429, 503}  # 400: a body that is not UTF-8
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                  max_size=3),
     max_leaves=8)

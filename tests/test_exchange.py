@@ -142,3 +142,20 @@ def test_export_errors(tmp_path: Path, store: Store):
     result = cli("export", "--out", str(tmp_path / "missing" / "x.jsonl"),
                  data_dir=store.path.parent)
     assert result.exit_code == 1 and "cannot write" in result.output
+
+
+def test_exports_carry_client_ids_only_when_asked(store: Store, tmp_path: Path):
+    conversation = store.create_conversation("c" * 32)
+    pair_id = store.add_pair(conversation, CONTEXT, Answer("base", "Red.", 1),
+                             Answer("base", "Blue.", 2))
+    store.vote(pair_id, "b", client_id="c" * 32)
+    out = tmp_path / "plain.jsonl"
+    assert cli("export", "--out", str(out), data_dir=store.path.parent).exit_code == 0
+    assert "c" * 32 not in out.read_text()
+    assert set(json.loads(out.read_text())) == {"prompt", "chosen", "rejected"}
+    for fmt in ("trl", "hh"):
+        out = tmp_path / f"ids.{fmt}.jsonl"
+        result = cli("export", "--out", str(out), "--format", fmt, "--with-client-ids",
+                     data_dir=store.path.parent)
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["client_id"] == "c" * 32

@@ -271,7 +271,8 @@ class Store:
 
     def _voted_pairs(self, where: str, params: list[Any]) -> Iterator[dict[str, Any]]:
         sql = ("select p.*, v.choice, v.answer, v.created_at as voted_at, "
-               "v.rowid as vote_rowid from pairs p join votes v on v.pair_id = p.id "
+               "v.client_id as voter, v.rowid as vote_rowid "
+               "from pairs p join votes v on v.pair_id = p.id "
                f"where {where}")
         with self._lock:
             rows = [dict(r) for r in self.db.query(sql + " order by v.rowid", params)]
