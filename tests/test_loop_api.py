@@ -442,3 +442,16 @@ def test_openapi_documents_the_loop_api(client: TestClient) -> None:
     assert promote["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PromoteRequest"}
     assert "admin" in promote["tags"]
+
+
+def test_wrong_admin_passwords_are_slowed_to_ten_a_minute(loop: Loop,
+                                                          client: TestClient) -> None:
+    before = loop_state(loop)
+    for _ in range(10):
+        assert admin(client, "pause", {"Authorization": "Bearer guess"}).status_code == 401
+    for headers in ({"Authorization": "Bearer guess"}, AUTH):  # even the right one waits
+        response = admin(client, "pause", headers)
+        assert response.status_code == 429, response.text
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+        assert "wrong admin passwords" in response.json()["detail"]
+    assert loop_state(loop) == before

@@ -13,6 +13,7 @@ import pytest
 from gradio.events import EventData
 from gradio.state_holder import SessionState
 
+from prefloop.app.guard import Guard
 from prefloop.app.loop_tabs import (
     NO_DUELS,
     NO_ROUNDS,
@@ -323,3 +324,14 @@ def test_wired_events_run_through_gradio(loop: Loop) -> None:
     timers = [u["active"] for u in fire(tabs, "select", [], value="Arena")]
     assert timers == [False, False]
     assert [u["active"] for u in fire(tabs, "select", [], value="Training")] == [True, False]
+
+
+def test_wrong_admin_passwords_on_the_page_are_slowed_too(loop: Loop) -> None:
+    handlers = LoopHandlers(loop, PASSWORD, Guard(loop.settings))
+    for _ in range(10):
+        assert handlers.admin_action("pause", "guess", host="203.0.113.9") == WRONG_PASSWORD
+    assert "Too many wrong passwords" in handlers.admin_action("pause", PASSWORD,
+                                                               host="203.0.113.9")
+    assert not loop.paused
+    # Another address is not held back.
+    assert handlers.admin_action("pause", PASSWORD, host="198.51.100.1").startswith("✅")

@@ -134,12 +134,21 @@ class Window:
             events.append(now)
             return None
 
+    def wait(self, key: str) -> float | None:
+        """Seconds until ``key`` may have another event (``None``: now); counts nothing."""
+        now = self.clock()
+        with self._lock:
+            events = self._events.get(key)
+            live = [t for t in events or () if t > now - self.period]
+            return live[0] + self.period - now if len(live) >= self.limit else None
+
 
 class Guard:
     """The limits of :class:`Settings` applied to clients (``None``: an internal caller such
     as the simulator, held only to the overall cap)."""
 
     BUSY_RETRY_S = 5.0
+    ADMIN_GUESSES_PER_MINUTE = 10
 
     def __init__(self, settings: Settings, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -151,6 +160,7 @@ class Guard:
         self._pairs = window(settings.pairs_per_minute)
         self._votes = window(settings.votes_per_minute)
         self._ip_pairs = window(settings.ip_pairs_per_minute)
+        self._admin_misses = Window(self.ADMIN_GUESSES_PER_MINUTE, clock=clock)
         self._salt = secrets.token_bytes(32)  # in memory only: the hashes die with the process
         self._lock = threading.Lock()
         self._running: Counter[str] = Counter()
@@ -167,6 +177,18 @@ class Guard:
         with self._lock:
             self.refused[reason] += 1
         return error
+
+    def admin_blocked(self, host: str | None) -> int | None:
+        """Seconds an admin attempt from ``host`` must wait: past 10 wrong passwords a
+        minute from one address, every attempt waits (so at most 10 guesses a minute).
+        ``None``: go ahead."""
+        wait = self._admin_misses.wait(self.hash_ip(host or "unknown"))
+        return None if wait is None else max(1, math.ceil(wait))
+
+    def admin_missed(self, host: str | None) -> None:
+        self._admin_misses.hit(self.hash_ip(host or "unknown"))
+        with self._lock:
+            self.refused["admin_password"] += 1
 
     def admit_vote(self, client: Client | None) -> None:
         if client is None or self._votes is None:

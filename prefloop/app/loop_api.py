@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from prefloop.app.chat import InputError
+from prefloop.app.guard import Guard
 from prefloop.loop.controller import Loop, LoopError, check_policy_name
 from prefloop.storage.store import Conflict
 
@@ -27,25 +28,39 @@ def password_matches(given: str, password: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), password.encode("utf-8"))
 
 
-def admin_guard(password: str | None):
-    """A FastAPI dependency that lets a request through only with the admin password."""
+def admin_guard(password: str | None, guard: Guard | None = None):
+    """A FastAPI dependency that lets a request through only with the admin password
+    (and, with a ``guard``, slows wrong guesses to 10 a minute per address)."""
 
     def check(request: Request) -> None:
         if not password:
             raise HTTPException(403, "admin is disabled: set PREFLOOP_ADMIN_PASSWORD and "
                                      "restart prefloop to enable it")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise HTTPException(401, "admin actions need 'Authorization: Bearer <password>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        # Starlette decodes header bytes as latin-1; compare the bytes the client sent with
-        # the password's UTF-8, so a non-ASCII password sent as UTF-8 matches.
-        if not hmac.compare_digest(given.encode("latin-1", "replace"),
-                                   password.encode("utf-8")):
-            raise HTTPException(401, "wrong admin password",
-                                headers={"WWW-Authenticate": "Bearer"})
+        host = request.client.host if request.client else None
+        if guard is not None and (wait := guard.admin_blocked(host)) is not None:
+            raise HTTPException(429, f"too many wrong admin passwords from this address; "
+                                     f"try again in {wait} s", headers={"Retry-After": str(wait)})
+        try:
+            _check_password(request, password)
+        except HTTPException:
+            if guard is not None:
+                guard.admin_missed(host)
+            raise
 
     return check
+
+
+def _check_password(request: Request, password: str) -> None:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise HTTPException(401, "admin actions need 'Authorization: Bearer <password>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    # Starlette decodes header bytes as latin-1; compare the bytes the client sent with
+    # the password's UTF-8, so a non-ASCII password sent as UTF-8 matches.
+    if not hmac.compare_digest(given.encode("latin-1", "replace"),
+                               password.encode("utf-8")):
+        raise HTTPException(401, "wrong admin password",
+                            headers={"WWW-Authenticate": "Bearer"})
 
 
 def round_summary(row: dict[str, Any]) -> dict[str, Any]:
@@ -61,10 +76,11 @@ def round_summary(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def loop_routers(loop: Loop, password: str | None) -> list[APIRouter]:
+def loop_routers(loop: Loop, password: str | None,
+                 guard: Guard | None = None) -> list[APIRouter]:
     router = APIRouter(prefix="/api/v1", tags=["loop"])
     admin = APIRouter(prefix="/api/v1/admin", tags=["admin"],
-                      dependencies=[Depends(admin_guard(password))])
+                      dependencies=[Depends(admin_guard(password, guard))])
     store = loop.store
 
     @router.get("/adapters")

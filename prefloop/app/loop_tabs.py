@@ -8,6 +8,7 @@ out and wires the handlers to Gradio components.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import gradio as gr
 import pandas as pd
 from gradio.context import get_render_context
 
+from prefloop.app.guard import Guard
 from prefloop.app.loop_api import password_matches, round_summary
 from prefloop.loop.controller import Loop, LoopError
 from prefloop.serving.adapters import BASE
@@ -88,9 +90,11 @@ class TrainingView:
 class LoopHandlers:
     """Event handlers of the loop's tabs, bound to a :class:`Loop`."""
 
-    def __init__(self, loop: Loop, admin_password: str | None) -> None:
+    def __init__(self, loop: Loop, admin_password: str | None,
+                 guard: Guard | None = None) -> None:
         self.loop = loop
         self.admin_password = admin_password or None
+        self.guard = guard  # slows wrong passwords to 10 a minute per address
 
     # -- leaderboard ------------------------------------------------------------------------
 
@@ -164,13 +168,17 @@ class LoopHandlers:
         return [(base, BASE)] + [(f"{a['name']} ({a['state']})", a["name"])
                                  for a in self.loop.store.adapters()]
 
-    def admin_action(self, action: str, password: str | None, policy: str | None = None
-                     ) -> str:
+    def admin_action(self, action: str, password: str | None, policy: str | None = None,
+                     host: str | None = None) -> str:
         """Do ``action`` (one of :data:`ACTIONS`) if ``password`` is right; say what
-        happened."""
+        happened. ``host``: the address it came from, for the wrong-password limit."""
         if not self.admin_password:
             return "⚠️ Admin is disabled."
+        if self.guard is not None and (wait := self.guard.admin_blocked(host)) is not None:
+            return f"⚠️ Too many wrong passwords; try again in {wait} s."
         if not password or not password_matches(password, self.admin_password):
+            if self.guard is not None:
+                self.guard.admin_missed(host)
             return WRONG_PASSWORD
         try:
             if action == "start_round":
@@ -239,9 +247,10 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def build_loop_tabs(loop: Loop, admin_password: str | None) -> None:
+def build_loop_tabs(loop: Loop, admin_password: str | None,
+                    guard: Guard | None = None) -> None:
     """Lay out the Leaderboard, Training and Admin tabs inside the current ``gr.Tabs``."""
-    handlers = LoopHandlers(loop, admin_password)
+    handlers = LoopHandlers(loop, admin_password, guard)
     tabs = get_render_context()
     with gr.Tab("Leaderboard", id="leaderboard", elem_id="leaderboard-tab") as leaderboard_tab:
         refresh_leaderboard = _build_leaderboard(handlers)
@@ -336,6 +345,13 @@ def _build_admin(handlers: LoopHandlers) -> dict[str, Any] | None:
     for button, action in ((start, "start_round"), (pause, "pause"), (resume, "resume"),
                            (promote, "promote")):
         # The password travels with each click only: no gr.State holds it.
-        button.click(lambda given, chosen, a=action: handlers.admin_action(a, given, chosen),
-                     [password, policy], result, api_visibility="private").then(**event)
+        button.click(admin_click(handlers, action), [password, policy], result,
+                     api_visibility="private").then(**event)
     return event
+
+
+def admin_click(handlers: LoopHandlers, action: str) -> Callable[..., str]:
+    def on_click(given: str | None, chosen: str | None, request: gr.Request) -> str:
+        host = request.client.host if request is not None and request.client else None
+        return handlers.admin_action(action, given, chosen, host)
+    return on_click

@@ -43,7 +43,7 @@ def build_page(service: ChatService, admin_password: str | None = None) -> gr.Bl
             with gr.Tab("Arena", id="arena"):
                 build_arena(ArenaHandlers(service))
             if service.loop is not None:
-                build_loop_tabs(service.loop, admin_password)
+                build_loop_tabs(service.loop, admin_password, service.guard)
     page.queue(default_concurrency_limit=None)
     return page
 
@@ -85,7 +85,7 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     app.include_router(health_router(checks))
     app.include_router(metrics.router())
     if loop is not None:
-        for router in loop_routers(loop, admin_password):
+        for router in loop_routers(loop, admin_password, service.guard):
             app.include_router(router)
     app.state.service = service
     return gr.mount_gradio_app(app, build_page(service, admin_password), path="/",
@@ -172,7 +172,8 @@ def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
         app = create_app(settings, runtime.store, sampler, runtime.loop, admin_password(),
                          vllm_restarts=(lambda: vllm.restarts) if vllm is not None else None)
         progress(f"prefloop is up: http://{settings.host}:{settings.port}")
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                    access_log=False)  # no addresses in logs
     except KeyboardInterrupt:
         pass
     finally:
