@@ -107,18 +107,21 @@ def page(browser, served_hostile: ServeProcess) -> Iterator[Page]:
 
 
 def assert_inert(page: Page) -> None:
+    """No payload ran, and none of its elements survived (Gradio's own SVG icons carry a
+    harmless <style>, so styles inside SVG are not counted)."""
     assert page.evaluate("window.__pwned") is None
     assert page.evaluate("parent.__pwned") is None
     for area in ("#answer-a", "#answer-b", "#conversation"):
         found = page.evaluate(
             "(sel) => { const root = document.querySelector(sel); return {"
-            " scripts: root.querySelectorAll('script, iframe, style').length,"
+            " scripts: [...root.querySelectorAll('script, iframe, style:not(svg style)')]"
+            "   .map(e => e.outerHTML.slice(0, 120)),"
             " handlers: [...root.querySelectorAll('*')].filter(e => [...e.attributes]"
             "   .some(a => a.name.startsWith('on'))).length,"
             " js_links: [...root.querySelectorAll('a')].filter(a =>"
             "   (a.getAttribute('href') || '').trim().toLowerCase()"
             "   .startsWith('javascript:')).length } }", area)
-        assert found == {"scripts": 0, "handlers": 0, "js_links": 0}, (area, found)
+        assert found == {"scripts": [], "handlers": 0, "js_links": 0}, (area, found)
     expect(page.locator("body")).to_be_visible()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -171,11 +172,19 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
+_PROGRESS_BAR = re.compile(r"\d+/\d+ \[[^\]]*\]\s*$")
+_EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
 def _last_error(log_path: Path) -> str:
-    """The last non-empty line of the trainer's log: its error message."""
+    """The trainer's error message from its log: the last exception line of a traceback, else
+    the last line that is not a progress bar."""
     try:
         lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
     except OSError:
         return "no log"
-    lines = [line for line in lines if line and "it/s]" not in line]
+    lines = [line for line in lines if line and not _PROGRESS_BAR.search(line)]
+    for line in reversed(lines[-20:]):
+        if _EXCEPTION.match(line):
+            return line[:500]
     return lines[-1][:500] if lines else "no output"
