@@ -161,6 +161,12 @@ class Load:
 
     async def trainer(self) -> None:
         """Start a round once enough votes are in; wait for its adapter to be champion."""
+        try:
+            await self._trainer()
+        except Exception as exc:  # reported, and the clients still stop in time
+            self.result.round["error"] = f"{type(exc).__name__}: {exc}"
+
+    async def _trainer(self) -> None:
         await self.enough_votes.wait()
         info = self.result.round
         auth = {"Authorization": f"Bearer {self.plan.password}"}
@@ -181,7 +187,7 @@ class Load:
                     champion = (await http.get("/api/v1/adapters")).json()["champion"]
                     if champion == row["adapter"]:
                         info |= {"adapter": champion, "promoted": time.monotonic(),
-                                 "train_seconds": row["metrics"].get("seconds")}
+                                 "train_seconds": row.get("seconds")}
                         return
                 await asyncio.sleep(0.5)
 
