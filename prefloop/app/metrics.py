@@ -62,7 +62,8 @@ class StoreCollector(Collector):
         yield refused
         if self.vllm_restarts is not None:
             yield CounterMetricFamily("prefloop_vllm_restarts", "Times the supervisor "
-                                      "restarted vLLM after it died.",
+                                      "restarted vLLM after it died (and loaded the "
+                                      "adapters again).",
                                       value=self.vllm_restarts())
 
 

@@ -232,12 +232,12 @@ class VLLMServer:
                 pause = min(pause * 2, 60.0)
                 continue
             pause = 1.0
-            self.restarts += 1
             for callback in list(self.on_restart):
                 try:
                     callback()
                 except Exception:  # a callback must not stop the watcher
                     log.exception("callback after vLLM restart failed")
+            self.restarts += 1  # counted once the callbacks (adapters loaded again) are done
 
     def healthy(self) -> bool:
         try:
