@@ -8,6 +8,7 @@ Real generation under limits is in test_load.py.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -392,3 +393,28 @@ def test_metrics_count_what_is_stored(app, store: Store) -> None:
     assert metrics["prefloop_policy"] == {("base", "champion"): 1}  # (policy, role)
     assert metrics["prefloop_generations_running"][()] == 0
     assert "prefloop_pair_seconds_bucket" not in metrics  # no pair was written here
+
+
+def test_the_page_says_when_a_client_is_over_its_limit_or_not_the_owner(app,
+                                                                        store: Store) -> None:
+    handlers = ArenaHandlers(app.state.service)
+    me, other = Client("a" * 32, "hash-1"), Client("b" * 32, "hash-2")
+
+    def send(message: str, state: ArenaState, client: Client) -> str:
+        async def last() -> str:
+            views = [view async for view in handlers.send(message, state, client)]
+            return views[-1].status
+        return asyncio.run(last())
+
+    statuses = [send("Hi", ArenaState(), me) for _ in range(4)]
+    assert all("model server" in s for s in statuses[:3]), statuses  # admitted, dead model
+    assert "too many messages" in statuses[3] and "try again in" in statuses[3]
+    # Someone else's conversation cannot be continued from the page either.
+    pair = own_pair(store, me.id)
+    store.vote(pair, "a")
+    conversation = store.pair(pair)["conversation_id"]
+    status = send("Go on", ArenaState(conversation_id=conversation), other)
+    assert "belongs to another client" in status
+    view = handlers.vote("a", ArenaState(conversation_id=conversation,
+                                         pair_id=own_pair(store, me.id)), client=other)
+    assert "belongs to another client" in view.status and view.voting
