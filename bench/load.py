@@ -37,14 +37,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.hotswap import PASSWORD, TOPICS  # noqa: E402
 from bench.report import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PASSWORD = "bench-admin"
-TOPICS = ["boil an egg", "learn to swim", "fix a bike", "bake bread", "plant a tree",
-          "tie a tie", "save money", "sleep better", "write a poem", "start running",
-          "clean a window", "brew tea", "fold a shirt", "paint a wall", "read faster",
-          "learn chess"]
 CHOICES = ["a", "b", "tie", "both_bad", "written"]
 CHOICE_WEIGHTS = [35, 35, 10, 10, 10]
 

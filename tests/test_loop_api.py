@@ -455,3 +455,16 @@ def test_wrong_admin_passwords_are_slowed_to_ten_a_minute(loop: Loop,
         assert 1 <= int(response.headers["Retry-After"]) <= 60
         assert "wrong admin passwords" in response.json()["detail"]
     assert loop_state(loop) == before
+
+
+def test_a_new_adapter_is_not_blamed_for_a_model_server_that_is_down(loop: Loop) -> None:
+    """vLLM restarting when a round ends: the load is tried again, then reported as the
+    server's fault, not the adapter's."""
+    complete_adapter(loop, "v0001")
+    path = loop.settings.adapters_dir / "v0001"
+    reason = loop._load_new_adapter("v0001", path, attempts=3, pause=0.01)
+    assert reason.startswith("vLLM did not answer")
+    complete_adapter(loop, "v0002")
+    (loop.settings.adapters_dir / "v0002" / "adapter_config.json").write_text("{}")
+    reason = loop._load_new_adapter("v0002", loop.settings.adapters_dir / "v0002")
+    assert reason.startswith("vLLM refused it") and "LoRA" in reason  # at once, no waiting

@@ -29,7 +29,7 @@ from prefloop.loop.rounds import (
     run_trainer,
     snapshot_pairs,
 )
-from prefloop.serving.adapters import BASE, AdapterError, AdapterPool
+from prefloop.serving.adapters import BASE, AdapterError, AdapterPool, ServerUnreachable
 from prefloop.storage.store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -249,11 +249,7 @@ class Loop:
             return
         # Load first, book-keep after: serving the new adapter is what people wait for.
         loaded = time.monotonic()
-        try:
-            self.pool.load(name, out)
-            refused = None
-        except AdapterError as exc:
-            refused = f"vLLM refused it: {exc}"
+        refused = self._load_new_adapter(name, out)
         loaded = time.monotonic() - loaded
         self.store.add_adapter(name, out, round_id, parent, *(
             ("rejected", refused) if refused else ()))
@@ -266,6 +262,22 @@ class Loop:
         for stale in self.store.candidate_other_than(name):
             self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
         self.prune()
+
+    def _load_new_adapter(self, name: str, path: Path, attempts: int = 6,
+                          pause: float = 10.0) -> str | None:
+        """Load a new adapter into vLLM; the reason it was refused, or ``None``. A model
+        server that does not answer (restarting after a crash) is waited for, not blamed."""
+        for attempt in range(attempts):
+            try:
+                self.pool.load(name, path)
+                return None
+            except ServerUnreachable as exc:
+                if attempt == attempts - 1 or self._stop.wait(pause):
+                    return f"vLLM did not answer: {exc}"
+                log.warning("vLLM did not answer loading %s; trying again in %g s", name, pause)
+            except AdapterError as exc:
+                return f"vLLM refused it: {exc}"
+        return None
 
     def next_adapter_name(self) -> str:
         """A version never used before: above every stored adapter and every folder."""

@@ -32,6 +32,10 @@ class AdapterError(RuntimeError):
     """An adapter folder cannot be served; the message says why."""
 
 
+class ServerUnreachable(AdapterError):
+    """The model server did not answer (e.g. it is restarting): the adapter may be fine."""
+
+
 def served_name(policy: str, prefix: str = "prefloop") -> str:
     """The model name vLLM knows ``policy`` by."""
     return BASE if policy == BASE else f"{prefix}-{policy}"
@@ -187,7 +191,7 @@ class AdapterPool:
         try:
             response = self._client.post(path, json=body)
         except httpx.HTTPError as exc:
-            raise AdapterError(f"the model server did not answer {path}: {exc}") from None
+            raise ServerUnreachable(f"the model server did not answer {path}: {exc}") from None
         if response.status_code != 200:
             raise AdapterError(f"the model server refused {body['lora_name']} "
                                f"({response.status_code}): {response.text[:300]}")

