@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from prefloop.serving.vllm_server import Endpoint, VLLMServer
 from prefloop.storage.store import Store
 
 log = logging.getLogger(__name__)
+HEALTH_TIMEOUT_S = 1.5  # each check; /healthz answers within about that
 
 INTRO = """# prefloop
 Chat with the model. Every turn shows **two answers**: pick the better one (or call a tie,
@@ -56,20 +58,28 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     service = ChatService(settings, store, sampler, loop)
     metrics = Metrics(store, service.guard, vllm_restarts)
     service.on_pair.append(metrics.observe_pair)
-    health = httpx.AsyncClient(timeout=2.0)
+    health = httpx.AsyncClient(timeout=1.5)
+
+    async def database_ok() -> bool:
+        # In a thread, with a deadline: a store busy with a slow commit must not hold the
+        # health check (it waited 12 s under load in bench/load.py).
+        try:
+            await asyncio.wait_for(asyncio.to_thread(store.check), HEALTH_TIMEOUT_S)
+            return True
+        except Exception:
+            return False
+
+    async def model_ok() -> bool:
+        try:
+            response = await asyncio.wait_for(
+                health.get(sampler.endpoint.url.rstrip("/") + "/health"), HEALTH_TIMEOUT_S)
+            return response.status_code == 200
+        except (httpx.HTTPError, TimeoutError):
+            return False
 
     async def checks() -> dict[str, bool]:
-        try:
-            store.check()
-            db_ok = True
-        except Exception:
-            db_ok = False
-        try:
-            response = await health.get(sampler.endpoint.url.rstrip("/") + "/health")
-            model_ok = response.status_code == 200
-        except httpx.HTTPError:
-            model_ok = False
-        return {"database": db_ok, "model": model_ok}
+        db, model = await asyncio.gather(database_ok(), model_ok())
+        return {"database": db, "model": model}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
