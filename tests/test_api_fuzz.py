@@ -125,3 +125,14 @@ def test_invalid_utf8_and_deep_nesting_are_clear_errors(world: World) -> None:
                 json.dumps({"message": "x" * 4001}).encode()):
         for path in ("/api/v1/pairs", "/api/v1/votes"):
             world.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+
+def test_ids_sqlite_cannot_encode_are_unknown_ids(world: World) -> None:
+    """Found by hypothesis: a lone surrogate in an id reached SQLite and made a 500."""
+    for path, body in (("/api/v1/votes", {"pair_id": "\ud800", "choice": "a"}),
+                       ("/api/v1/pairs", {"message": "Hi", "conversation_id": "\udfff"})):
+        before = world.snapshot()
+        response = world.client.post(path, content=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        assert response.status_code == 404 and "does not exist" in response.json()["detail"]
+        assert world.snapshot() == before

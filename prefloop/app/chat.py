@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import unicodedata
 from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
@@ -13,7 +14,7 @@ from prefloop.config import Settings
 from prefloop.loop.controller import Loop
 from prefloop.loop.duels import TurnPlan
 from prefloop.serving.sampler import PairProgress, PairSampler
-from prefloop.storage.store import CHOICES, Answer, Conflict, Store
+from prefloop.storage.store import CHOICES, Answer, Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ChatService:
         if conversation_id is not None:
             if not isinstance(conversation_id, str):
                 raise InputError("conversation_id must be a string")
+            _check_id(conversation_id, "conversation")
             owner = self.store.conversation(conversation_id)["client_id"]  # NotFound
             _check_owner(owner, client, "conversation")
             if (open_id := self.store.open_pair(conversation_id)) is not None:
@@ -150,6 +152,7 @@ class ChatService:
             raise InputError(f"choice must be one of {', '.join(CHOICES)}")
         if choice == "written" and answer is None:
             raise InputError("choice 'written' needs the answer text")
+        _check_id(pair_id, "pair")
         pair_conversation, owner = self.store.pair_owner(pair_id)  # NotFound
         _check_owner(owner, client, "pair")
         if conversation_id is not None and conversation_id != pair_conversation:
@@ -165,6 +168,16 @@ class ChatService:
         # The policies behind the answers, revealed now that the vote is in.
         return {**row, "kind": pair["kind"], "policy_a": pair["policy_a"],
                 "policy_b": pair["policy_b"], "decision": decision}
+
+
+ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _check_id(value: str, what: str) -> None:
+    """Ids are 32 hex digits; anything else (a lone surrogate, which SQLite cannot even
+    encode) does not exist."""
+    if not ID.fullmatch(value):
+        raise NotFound(f"{what} {value[:64]!r} does not exist")
 
 
 def _check_owner(owner: str | None, client: Client | None, what: str) -> None:
