@@ -6,6 +6,7 @@ can call without a browser. :func:`build_arena` wires them to Gradio components.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -102,7 +103,8 @@ class ArenaHandlers:
                        voting=True, typing=False)
             return
         try:
-            self.service.check_turn(message, state.conversation_id, client)
+            await asyncio.to_thread(self.service.check_turn, message, state.conversation_id,
+                                    client)
         except (InputError, NotFound, Conflict, Forbidden) as exc:
             yield View(state, _shown(state), status=f"⚠️ {exc}")
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import unicodedata
@@ -90,16 +91,20 @@ class ChatService:
         Nothing is stored unless both answers complete, so a failure leaves no trace. A
         ``client`` is held to its rate limits (:class:`~prefloop.app.guard.Refused`).
         """
-        text = self.check_turn(message, conversation_id, client)
+        # Store calls run in a thread: a commit waits for fsync, and under load that held the
+        # event loop (and /healthz, and every stream) for seconds (bench/load.py).
+        text = await asyncio.to_thread(self.check_turn, message, conversation_id, client)
         with self.guard.generation(client):
             async for turn in self._stream_turn(text, conversation_id, client, seed):
                 yield turn
 
     async def _stream_turn(self, text: str, conversation_id: str | None,
                            client: Client | None, seed: int | None) -> AsyncIterator[Turn]:
-        history = self.store.messages(conversation_id) if conversation_id else []
+        history = (await asyncio.to_thread(self.store.messages, conversation_id)
+                   if conversation_id else [])
         history.append({"role": "user", "content": text})
-        plan = self.loop.plan_turn() if self.loop else TurnPlan("sample", "base", "base")
+        plan = (await asyncio.to_thread(self.loop.plan_turn) if self.loop
+                else TurnPlan("sample", "base", "base"))
         final: PairProgress | None = None
         with self.loop.pool.using(plan.policy_a, plan.policy_b) if self.loop else nullcontext():
             async for progress in self.sampler.stream(history, plan.policy_a, plan.policy_b,
@@ -108,13 +113,14 @@ class ChatService:
                 yield Turn(conversation_id, progress, plan.kind)
         assert final is not None and final.done
         if conversation_id is None:
-            conversation_id = self.store.create_conversation(client and client.id)
+            conversation_id = await asyncio.to_thread(self.store.create_conversation,
+                                                      client and client.id)
         # The stored context is the conversation as the person sees it (not cut short);
         # dropped_messages says how much of it the model did not see.
         context = ([{"role": "system", "content": self.settings.system_prompt}]
                    if self.settings.system_prompt else []) + history
-        pair_id = self.store.add_pair(
-            conversation_id, context,
+        pair_id = await asyncio.to_thread(
+            self.store.add_pair, conversation_id, context,
             Answer(final.a.policy, final.a.text, final.a.seed, final.a.finish_reason,
                    final.a.tokens),
             Answer(final.b.policy, final.b.text, final.b.seed, final.b.finish_reason,
