@@ -65,7 +65,7 @@ class World:
                      for table in ("conversations", "messages", "pairs", "votes"))
 
     def post(self, path: str, **kwargs) -> None:
-        if "json" in kwargs:  # ASCII-escaped, so lone surrogates travel as \\udXXXX escapes
+        if "json" in kwargs:  # ASCII-escaped: lone surrogates travel as JSON \\u escapes
             kwargs = {"content": json.dumps(kwargs.pop("json")).encode(),
                       "headers": {"Content-Type": "application/json"}}
         before = self.snapshot()
