@@ -55,8 +55,15 @@ def free_port() -> int:
 
 
 def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent thread exits."""
-    os.setsid()
+    """In the child before exec: its own process group (to be killed as a whole, and out of
+    reach of the terminal's Ctrl-C), and SIGTERM when the parent thread exits.
+
+    A process group, not a session: where the kernel schedules by session (autogroup, the
+    default on many distributions) each session shares the CPU as one unit, and a process
+    that mostly waits, like the web server, is weighed by its recent use. With vLLM and the
+    trainer in sessions of their own, the event loop waited up to 2 s for a CPU under load
+    (bench/load.py); in one session, priorities (the trainer's nice 10) apply as meant."""
+    os.setpgid(0, 0)
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
