@@ -33,6 +33,8 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     assert after["wins"] + after["losses"] + after["ties"] + after["both_bad"] == 6
     assert after["kl"] > 0, f"KL {after['kl']}: the policy's samples should be likelier under it"
     assert -1 <= after["reward_champion"] <= 1 and -1 <= after["reward_base"] <= 1
+    assert set(after["seconds"]) == {"collect", "train", "measure"}
+    assert all(seconds > 0 for seconds in after["seconds"].values()), after["seconds"]
     assert (report / "report.md").read_text().count("\n| ") >= 3
     for plot in ("reward.png", "reward_vs_kl.png"):
         assert (report / plot).read_bytes()[:4] == b"\x89PNG"

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import random
 import statistics
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,13 +71,22 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
         "eval_prompts": len(plan.eval_prompts), "seed": plan.seed,
         "data_dir": str(settings.data_dir), "points": []}
     try:
-        report["points"].append(await _measure(0, None, runtime, measure, oracle, plan, bar))
+        start = time.monotonic()
+        point = await _measure(0, None, runtime, measure, oracle, plan, bar)
+        point["seconds"] = {"measure": round(time.monotonic() - start, 1)}
+        report["points"].append(point)
         for number in range(1, plan.rounds + 1):
+            start = time.monotonic()
             votes = await _collect(service, oracle, plan, rng, bar)
+            collected = time.monotonic()
             round_id = await asyncio.to_thread(runtime.loop.run_round, "simulate")
+            trained = time.monotonic()
             row = runtime.store.round(round_id) if round_id else None
             point = await _measure(number, row, runtime, measure, oracle, plan, bar)
             point["votes"] = dict(votes)
+            point["seconds"] = {"collect": round(collected - start, 1),
+                                "train": round(trained - collected, 1),
+                                "measure": round(time.monotonic() - trained, 1)}
             report["points"].append(point)
             log(_point_line(point))
             write_report(report, report_dir)
@@ -216,6 +226,11 @@ def _point_line(point: dict[str, Any]) -> str:
             f"KL {fmt(point['kl'])} nats")
 
 
+def _phases(seconds: dict[str, float]) -> str:
+    return " / ".join(f"{seconds[k]:.0f}" if k in seconds else "–"
+                      for k in ("collect", "train", "measure"))
+
+
 def write_report(report: dict[str, Any], folder: Path) -> None:
     """report.json, report.md and the plots (reward per round, reward vs KL)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,15 +246,17 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['pairs_per_round']} pairs per round, {report['eval_prompts']} held-out "
              f"prompts, seed {report['seed']}. Round 0 is before any training.", "",
              "| round | round status | champion | reward (champion) | reward (base) "
-             "| win-rate vs base | W/L/ties/both bad | KL nats/answer | mean words |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| win-rate vs base | W/L/ties/both bad | KL nats/answer | mean words "
+             "| seconds: collect / train / measure |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["points"]:
         lines.append(
             f"| {p['round']} | {p['round_status'] or '–'} | {p['champion']} "
             f"| {fmt(p['reward_champion'], '.3f')} | {fmt(p['reward_base'], '.3f')} "
             f"| {fmt(p['winrate_vs_base'], '.2f')} "
             f"| {p['wins']}/{p['losses']}/{p['ties']}/{p['both_bad']} "
-            f"| {fmt(p['kl'], '.3f')} | {fmt(p['mean_words'], '.1f')} |")
+            f"| {fmt(p['kl'], '.3f')} | {fmt(p['mean_words'], '.1f')} "
+            f"| {_phases(p.get('seconds', {}))} |")
     return "\n".join(lines) + "\n"
 
 
