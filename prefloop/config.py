@@ -110,6 +110,8 @@ class Settings:
     train_lr: float = _setting(1e-4, "Learning rate of a round.", lo=1e-8, hi=1.0)
     train_beta: float = _setting(0.1, "DPO beta of a round.", lo=1e-4, hi=100.0)
     train_epochs: int = _setting(2, "Passes over a round's pairs.", lo=1, hi=100)
+    train_batch_size: int = _setting(8, "Pairs per optimizer step (a round of 32 pairs makes "
+                                        "4 steps an epoch at 8).", lo=1, hi=4096)
     train_loss: str = _setting("sigmoid", "DPO loss of a round.",
                                choices=("sigmoid", "cdpo", "ipo", "hinge", "robust"))
     trainer_threads: int = _setting(1, "CPU threads of the trainer (0: one per core).",

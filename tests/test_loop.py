@@ -79,7 +79,8 @@ def rig(tmp_path: Path, vllm_server, embedded_model: Path) -> Iterator[LoopRig]:
 def trained(tmp_path_factory: pytest.TempPathFactory, vllm_server,
             embedded_model: Path) -> Iterator[LoopRig]:
     """A loop that has run one real round on 16 votes (its candidate is v0001)."""
-    rig = LoopRig(tmp_path_factory.mktemp("trained") / "data", vllm_server, embedded_model)
+    rig = LoopRig(tmp_path_factory.mktemp("trained") / "data", vllm_server, embedded_model,
+                  train_batch_size=4)
     vote_pairs(rig.store)
     rig.loop.run_round("admin")
     yield rig
@@ -111,6 +112,7 @@ def test_votes_train_a_candidate_that_answers_in_duels(trained: LoopRig) -> None
     assert round_row["pairs"] == 16 and round_row["new_pairs"] == 16
     assert round_row["adapter"] == "v0001" and round_row["parent"] == "base"
     assert round_row["metrics"]["held_out"]["after"] is not None
+    assert max(step["pairs"] for step in round_row["metrics"]["steps"]) == 4  # batch size
     adapter = store.adapter("v0001")
     assert adapter["state"] == "candidate" and Path(adapter["path"]).is_dir()
     assert store.champion() == "base" and store.candidate() == "v0001"

@@ -76,10 +76,12 @@ class TrainerJob:
     loss: str
     threads: int
     seed: int
+    batch_size: int = 8
 
     def arguments(self) -> list[str]:
         args = ["--pairs", str(self.pairs), "--out", str(self.out), "--model", str(self.model),
                 "--lr", repr(self.lr), "--beta", repr(self.beta), "--epochs", str(self.epochs),
+                "--batch-size", str(self.batch_size),
                 "--loss", self.loss, "--seed", str(self.seed), "--json"]
         if self.threads:
             args += ["--threads", str(self.threads)]
