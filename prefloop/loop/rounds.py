@@ -76,7 +76,7 @@ class TrainerJob:
     loss: str
     threads: int
     seed: int
-    batch_size: int = 8
+    batch_size: int
 
     def arguments(self) -> list[str]:
         args = ["--pairs", str(self.pairs), "--out", str(self.out), "--model", str(self.model),
