@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from prefloop.serving.context import ContextTooLong
-from prefloop.serving.sampler import PairProgress, PairSampler, Sampling, SamplingError
+from prefloop.serving.sampler import PairProgress, PairSampler, Sampling, SamplingError, Side
 from prefloop.serving.vllm_server import Endpoint, VLLMError, VLLMServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -20,6 +20,15 @@ def collect(sampler: PairSampler, history: list[dict], seed: int | None = None,
     async def run() -> list[PairProgress]:
         try:
             return [p async for p in sampler.stream(history, seed=seed)]
+        finally:
+            await sampler.close()
+    return asyncio.run(run())
+
+
+def answer_once(sampler: PairSampler, history: list[dict], seed: int | None = None) -> Side:
+    async def run() -> Side:
+        try:
+            return await sampler.answer(history, seed=seed)
         finally:
             await sampler.close()
     return asyncio.run(run())
@@ -44,6 +53,13 @@ def test_two_different_answers_for_fixed_seeds(vllm_server):
                for s in snapshots[:-1])
     # (No check that a seed repeats exactly: with prefix caching vLLM's bf16 logits differ in
     # the last bits between a cold and a warm prompt, and sampling can diverge.)
+
+
+def test_one_answer_without_streaming(vllm_server):
+    history = [{"role": "user", "content": "Name a colour."}]
+    side = answer_once(make_sampler(vllm_server, max_tokens=12), history, seed=99)
+    assert side.policy == "base" and side.seed == 99 and side.text.strip()
+    assert side.finish_reason in ("stop", "length") and 0 < side.tokens <= 12
 
 
 def test_token_count_matches_the_chat_template(vllm_server, embedded_model: Path):
@@ -84,6 +100,10 @@ def test_unreachable_server_is_a_clear_error():
                           sampling=Sampling(max_tokens=8), max_model_len=2048)
     with pytest.raises(SamplingError, match="not answering"):
         collect(sampler, [{"role": "user", "content": "hi"}])
+    sampler = PairSampler(Endpoint(f"http://127.0.0.1:{free_port()}", "k"),
+                          sampling=Sampling(max_tokens=8), max_model_len=2048)
+    with pytest.raises(SamplingError, match="not answering"):
+        answer_once(sampler, [{"role": "user", "content": "hi"}])
 
 
 def test_wrong_api_key_is_refused(vllm_server):
@@ -91,6 +111,10 @@ def test_wrong_api_key_is_refused(vllm_server):
                           sampling=Sampling(max_tokens=8), max_model_len=2048)
     with pytest.raises(SamplingError, match="401"):
         collect(sampler, [{"role": "user", "content": "hi"}])
+    sampler = PairSampler(Endpoint(vllm_server.endpoint.url, "wrong-key"),
+                          sampling=Sampling(max_tokens=8), max_model_len=2048)
+    with pytest.raises(SamplingError, match="401"):
+        answer_once(sampler, [{"role": "user", "content": "hi"}])
 
 
 def test_start_failure_reports_the_log_tail(tmp_path: Path):

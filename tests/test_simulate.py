@@ -33,6 +33,7 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     assert after["wins"] + after["losses"] + after["ties"] + after["both_bad"] == 6
     assert after["kl"] > 0, f"KL {after['kl']}: the policy's samples should be likelier under it"
     assert -1 <= after["reward_champion"] <= 1 and -1 <= after["reward_base"] <= 1
+    assert after["reward_base"] == before["reward_base"]  # base's answers are sampled once
     assert set(after["seconds"]) == {"collect", "train", "measure"}
     assert all(seconds > 0 for seconds in after["seconds"].values()), after["seconds"]
     assert (report / "report.md").read_text().count("\n| ") >= 3

@@ -154,6 +154,29 @@ class PairSampler:
             for task in tasks:
                 task.cancel()
 
+    async def answer(self, history: Messages, policy: str = "base",
+                     seed: int | None = None) -> Side:
+        """One complete answer to ``history`` from ``policy``, not streamed.
+
+        Raises :class:`SamplingError` (or :class:`ContextTooLong`) as :meth:`stream` does.
+        """
+        seed = random.randrange(2**31 - 2) if seed is None else seed
+        try:
+            messages, _ = await self.prepare(history)  # may raise ContextTooLong
+        except httpx.HTTPError as exc:
+            raise SamplingError(f"the model server is not answering ({exc})") from exc
+        try:
+            reply = await self.client.chat.completions.create(
+                model=self.model_name(policy), messages=messages, n=1, seed=seed,
+                temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                max_tokens=self.sampling.max_tokens)
+        except openai.APIError as exc:
+            raise _as_sampling_error(exc) from exc
+        choice = reply.choices[0]
+        return Side(policy, seed, text=choice.message.content or "",
+                    finish_reason=choice.finish_reason or "stop",
+                    tokens=reply.usage.completion_tokens if reply.usage else None)
+
     async def _stream_one(self, messages: Messages, policy: str, n: int, seed: int,
                           sides: list[Side], progress: PairProgress,
                           updates: asyncio.Queue[object]) -> None:

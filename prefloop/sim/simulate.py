@@ -31,7 +31,7 @@ from prefloop.app.chat import ChatService
 from prefloop.app.server import Runtime, make_sampler, start_runtime
 from prefloop.config import Settings
 from prefloop.serving.adapters import BASE
-from prefloop.serving.sampler import PairSampler, Sampling
+from prefloop.serving.sampler import PairSampler, Sampling, Side
 from prefloop.sim.oracles import Oracle
 
 Messages = list[dict[str, str]]
@@ -72,7 +72,8 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
         "data_dir": str(settings.data_dir), "points": []}
     try:
         start = time.monotonic()
-        point = await _measure(0, None, runtime, measure, oracle, plan, bar)
+        base_answers: list[Side] = []
+        point = await _measure(0, None, runtime, measure, oracle, plan, base_answers, bar)
         point["seconds"] = {"measure": round(time.monotonic() - start, 1)}
         report["points"].append(point)
         for number in range(1, plan.rounds + 1):
@@ -82,7 +83,8 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
             round_id = await asyncio.to_thread(runtime.loop.run_round, "simulate")
             trained = time.monotonic()
             row = runtime.store.round(round_id) if round_id else None
-            point = await _measure(number, row, runtime, measure, oracle, plan, bar)
+            point = await _measure(number, row, runtime, measure, oracle, plan, base_answers,
+                                   bar)
             point["votes"] = dict(votes)
             point["seconds"] = {"collect": round(collected - start, 1),
                                 "train": round(trained - collected, 1),
@@ -122,24 +124,33 @@ async def _collect(service: ChatService, oracle: Oracle, plan: SimulationPlan,
 
 async def _measure(number: int, round_row: dict | None, runtime: Runtime,
                    sampler: PairSampler, oracle: Oracle, plan: SimulationPlan,
-                   bar: tqdm) -> dict[str, Any]:
-    """The champion and base on the held-out prompts (same seeds every time)."""
+                   base_answers: list[Side], bar: tqdm) -> dict[str, Any]:
+    """The champion and base on the held-out prompts (same seeds every time).
+
+    ``base_answers`` is filled on the first call and reused: base does not change, and its
+    answers, sampled beside an adapter's, would pay the adapter's slower decode.
+    """
     champion = runtime.store.champion()
-    gate = asyncio.Semaphore(plan.concurrency)
+    gate = asyncio.Semaphore(2 * plan.concurrency)  # answers at once, as many as in a pair
     system = ([{"role": "system", "content": sampler.system_prompt}]
               if sampler.system_prompt else [])
 
-    async def answer(k: int, prompt: str) -> tuple[Messages, str, str, bool]:
-        history = [{"role": "user", "content": prompt}]
+    async def answer(prompt: str, policy: str, seed: int, count: bool) -> Side:
         async with gate:
-            snapshots = [s async for s in sampler.stream(history, champion, BASE,
-                                                         seed=1000 + 2 * k)]
-        bar.update()
-        final = snapshots[-1]
-        return (system + history, final.a.text, final.b.text,
-                final.a.finish_reason == "length")
+            side = await sampler.answer([{"role": "user", "content": prompt}], policy, seed)
+        bar.update(count)
+        return side
 
-    answers = await asyncio.gather(*(answer(k, p) for k, p in enumerate(plan.eval_prompts)))
+    prompts = list(enumerate(plan.eval_prompts))
+    fresh = [] if base_answers else [answer(p, BASE, 1001 + 2 * k, False) for k, p in prompts]
+    sampled = await asyncio.gather(*fresh, *(answer(p, champion, 1000 + 2 * k, True)
+                                             for k, p in prompts))
+    base_answers += sampled[:len(fresh)]
+    champion_answers = sampled[len(fresh):]
+    answers = [(system + [{"role": "user", "content": prompt}], mine.text, theirs.text,
+                mine.finish_reason == "length")
+               for (_, prompt), mine, theirs in zip(prompts, champion_answers, base_answers,
+                                                     strict=True)]
     side = random.Random(number)
     outcome: Counter = Counter()
     for context, mine, theirs, _ in answers:  # sides shuffled: an oracle may favour one
