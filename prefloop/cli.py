@@ -247,12 +247,16 @@ if __name__ == "__main__":
               help="Held-out prompts to measure on (default: all of them).")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Pairs asked for at once (vLLM batches them).")
+@click.option("--base-samples", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Base's answers per held-out prompt (sampled once) that each champion "
+                   "answer is compared with.")
 @click.option("--judge-url", help="OpenAI-compatible server of the judge oracle (…/v1).")
 @click.option("--judge-model", help="Model name of the judge oracle; key from $JUDGE_API_KEY.")
 @settings_options
 def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round: int,
              report_dir: Path, seed: int, prompts_file: Path | None, eval_prompts: int | None,
-             concurrency: int, judge_url: str | None, judge_model: str | None) -> None:
+             concurrency: int, base_samples: int, judge_url: str | None,
+             judge_model: str | None) -> None:
     """Run the real loop with an oracle voting instead of people, and report what it learned.
 
     Without --data-dir the simulation gets a fresh folder (never your own data folder).
@@ -277,7 +281,7 @@ def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round:
             settings, data_dir=Path(tempfile.mkdtemp(prefix="prefloop-sim-")))
     click.echo(f"data folder: {settings.data_dir}")
     plan = SimulationPlan(rounds, pairs_per_round, train, held_out[:eval_prompts], seed,
-                          concurrency)
+                          concurrency, base_samples)
     try:
         run_simulation(settings, plan, oracle, report_dir)
     except (ModelError, VLLMError) as exc:

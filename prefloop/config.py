@@ -112,6 +112,9 @@ class Settings:
     train_epochs: int = _setting(2, "Passes over a round's pairs.", lo=1, hi=100)
     train_batch_size: int = _setting(8, "Pairs per optimizer step (a round of 32 pairs makes "
                                         "4 steps an epoch at 8).", lo=1, hi=4096)
+    train_lora_rank: int = _setting(16, "LoRA rank of a round's new adapter (alpha is twice "
+                                        "the rank; at most lora_max_rank). Later rounds keep "
+                                        "their parent's rank.", lo=1, hi=512)
     train_loss: str = _setting("sigmoid", "DPO loss of a round.",
                                choices=("sigmoid", "cdpo", "ipo", "hinge", "robust"))
     trainer_threads: int = _setting(1, "CPU threads of the trainer (0: one per core).",
@@ -139,6 +142,10 @@ class Settings:
         if self.lora_max_rank not in LORA_RANKS:
             raise ConfigError(f"lora_max_rank: must be one of {', '.join(map(str, LORA_RANKS))} "
                               f"(vLLM's allowed ranks), got {self.lora_max_rank}")
+        if self.train_lora_rank > self.lora_max_rank:
+            raise ConfigError(f"train_lora_rank ({self.train_lora_rank}) must be at most "
+                              f"lora_max_rank ({self.lora_max_rank}): vLLM would refuse the "
+                              "adapter")
 
     @property
     def db_path(self) -> Path:

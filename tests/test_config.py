@@ -294,8 +294,9 @@ def test_max_tokens_must_be_below_max_model_len() -> None:
 
 @pytest.mark.parametrize("rank", LORA_RANKS)
 def test_lora_max_rank_accepts_vllm_ranks(rank: int) -> None:
-    """Every rank vLLM allows is accepted."""
-    assert load_settings(env={"PREFLOOP_LORA_MAX_RANK": str(rank)}).lora_max_rank == rank
+    """Every rank vLLM allows is accepted (with new adapters no larger)."""
+    env = {"PREFLOOP_LORA_MAX_RANK": str(rank), "PREFLOOP_TRAIN_LORA_RANK": str(min(rank, 16))}
+    assert load_settings(env=env).lora_max_rank == rank
 
 
 @pytest.mark.parametrize("rank", [2, 12, 100])
@@ -342,3 +343,11 @@ def test_parse_optional() -> None:
     with pytest.raises(ConfigError, match=r"--limit: expected an integer from 0 to 10 "
                                           r"\(or empty for none\)"):
         _parse_text(_LIMIT, "11", "--limit")
+
+
+def test_train_lora_rank_above_the_served_maximum_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train_lora_rank \(32\) must be at most "
+                                          r"lora_max_rank \(16\)"):
+        load_settings(env={}, overrides={"train_lora_rank": 32})
+    settings = load_settings(env={}, overrides={"train_lora_rank": 8, "lora_max_rank": 8})
+    assert (settings.train_lora_rank, settings.lora_max_rank) == (8, 8)

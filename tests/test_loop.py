@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,7 +81,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, vllm_server,
             embedded_model: Path) -> Iterator[LoopRig]:
     """A loop that has run one real round on 16 votes (its candidate is v0001)."""
     rig = LoopRig(tmp_path_factory.mktemp("trained") / "data", vllm_server, embedded_model,
-                  train_batch_size=4)
+                  train_batch_size=4, train_lora_rank=8)
     vote_pairs(rig.store)
     rig.loop.run_round("admin")
     yield rig
@@ -115,6 +116,8 @@ def test_votes_train_a_candidate_that_answers_in_duels(trained: LoopRig) -> None
     assert max(step["pairs"] for step in round_row["metrics"]["steps"]) == 4  # batch size
     adapter = store.adapter("v0001")
     assert adapter["state"] == "candidate" and Path(adapter["path"]).is_dir()
+    config = json.loads((Path(adapter["path"]) / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 16)  # train_lora_rank
     assert store.champion() == "base" and store.candidate() == "v0001"
     assert "v0001" in trained.pool.loaded
     # No new votes since: the schedule does not start another round.

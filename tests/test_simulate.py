@@ -20,7 +20,7 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     data_dir, report = tmp_path / "data", tmp_path / "report"
     result = CliRunner().invoke(main, [
         "simulate", "--oracle", "concise", "--rounds", "1", "--pairs-per-round", "16",
-        "--eval-prompts", "6", "--report", str(report), "--data-dir", str(data_dir),
+        "--eval-prompts", "6", "--base-samples", "2", "--report", str(report), "--data-dir", str(data_dir),
         "--promote", "immediate", "--max-tokens", "32", "--train-lr", "5e-4",
         "--adapter-prefix", "sim", *external_args])
     assert result.exit_code == 0, result.output
@@ -30,7 +30,7 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     assert before["kl"] == 0.0  # base against itself
     assert after["round_status"] == "succeeded" and after["champion"] == "v0001"
     assert sum(after["votes"].values()) == 16
-    assert after["wins"] + after["losses"] + after["ties"] + after["both_bad"] == 6
+    assert after["wins"] + after["losses"] + after["ties"] + after["both_bad"] == 6 * 2
     assert after["kl"] > 0, f"KL {after['kl']}: the policy's samples should be likelier under it"
     assert -1 <= after["reward_champion"] <= 1 and -1 <= after["reward_base"] <= 1
     assert after["reward_base"] == before["reward_base"]  # base's answers are sampled once
@@ -54,6 +54,7 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
 @pytest.mark.parametrize("args, message", [
     (["--oracle", "nonsense"], "oracle"),
     (["--oracle", "concise", "--rounds", "0"], "--rounds"),
+    (["--oracle", "concise", "--base-samples", "0"], "--base-samples"),
     (["--oracle", "concise", "--prompts", "/nope/prompts.txt"], "does not exist"),
     (["--oracle", "judge"], "judge"),
 ])

@@ -230,7 +230,8 @@ class Loop:
             pairs=snapshot.path, out=out, model=self.base_model,
             init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]),
             lr=s.train_lr, beta=s.train_beta, epochs=s.train_epochs, loss=s.train_loss,
-            threads=s.trainer_threads, seed=round_id, batch_size=s.train_batch_size)
+            threads=s.trainer_threads, seed=round_id, batch_size=s.train_batch_size,
+            lora_rank=s.train_lora_rank)
         last_saved = [0.0]
 
         def on_event(event: dict[str, Any]) -> None:

@@ -77,11 +77,13 @@ class TrainerJob:
     threads: int
     seed: int
     batch_size: int
+    lora_rank: int
 
     def arguments(self) -> list[str]:
         args = ["--pairs", str(self.pairs), "--out", str(self.out), "--model", str(self.model),
                 "--lr", repr(self.lr), "--beta", repr(self.beta), "--epochs", str(self.epochs),
-                "--batch-size", str(self.batch_size),
+                "--batch-size", str(self.batch_size), "--lora-r", str(self.lora_rank),
+                "--lora-alpha", str(2 * self.lora_rank),
                 "--loss", self.loss, "--seed", str(self.seed), "--json"]
         if self.threads:
             args += ["--threads", str(self.threads)]

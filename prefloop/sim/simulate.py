@@ -45,6 +45,7 @@ class SimulationPlan:
     eval_prompts: Sequence[str]
     seed: int = 0
     concurrency: int = 4  # pairs asked for at once (vLLM batches them)
+    base_samples: int = 4  # base's answers per held-out prompt, each compared with the champion's
 
 
 def run_simulation(settings: Settings, plan: SimulationPlan, oracle: Oracle, report_dir: Path,
@@ -68,11 +69,12 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
     report: dict[str, Any] = {
         "oracle": getattr(oracle, "name", repr(oracle)), "promote": settings.promote,
         "rounds_planned": plan.rounds, "pairs_per_round": plan.pairs_per_round,
-        "eval_prompts": len(plan.eval_prompts), "seed": plan.seed,
+        "eval_prompts": len(plan.eval_prompts), "base_samples": plan.base_samples,
+        "seed": plan.seed,
         "data_dir": str(settings.data_dir), "points": []}
     try:
         start = time.monotonic()
-        base_answers: list[Side] = []
+        base_answers: list[list[Side]] = []
         point = await _measure(0, None, runtime, measure, oracle, plan, base_answers, bar)
         point["seconds"] = {"measure": round(time.monotonic() - start, 1)}
         report["points"].append(point)
@@ -124,11 +126,13 @@ async def _collect(service: ChatService, oracle: Oracle, plan: SimulationPlan,
 
 async def _measure(number: int, round_row: dict | None, runtime: Runtime,
                    sampler: PairSampler, oracle: Oracle, plan: SimulationPlan,
-                   base_answers: list[Side], bar: tqdm) -> dict[str, Any]:
+                   base_answers: list[list[Side]], bar: tqdm) -> dict[str, Any]:
     """The champion and base on the held-out prompts (same seeds every time).
 
-    ``base_answers`` is filled on the first call and reused: base does not change, and its
-    answers, sampled beside an adapter's, would pay the adapter's slower decode.
+    ``base_answers`` (``plan.base_samples`` per prompt) is filled on the first call and
+    reused: base does not change, and its answers, sampled beside an adapter's, would pay the
+    adapter's slower decode. Each champion answer is compared with each of base's answers to
+    its prompt: more base samples make the win-rate less noisy at little cost.
     """
     champion = runtime.store.champion()
     gate = asyncio.Semaphore(2 * plan.concurrency)  # answers at once, as many as in a pair
@@ -141,42 +145,46 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
         bar.update(count)
         return side
 
-    prompts = list(enumerate(plan.eval_prompts))
-    fresh = [] if base_answers else [answer(p, BASE, 1001 + 2 * k, False) for k, p in prompts]
+    prompts = plan.eval_prompts
+    n = plan.base_samples
+    fresh = [] if base_answers else [  # seeds apart from the champion's (1000 + 2k)
+        answer(p, BASE, 1_000_001 + n * k + j, False) for k, p in enumerate(prompts)
+        for j in range(n)]
     sampled = await asyncio.gather(*fresh, *(answer(p, champion, 1000 + 2 * k, True)
-                                             for k, p in prompts))
-    base_answers += sampled[:len(fresh)]
-    champion_answers = sampled[len(fresh):]
-    answers = [(system + [{"role": "user", "content": prompt}], mine.text, theirs.text,
-                mine.finish_reason == "length")
-               for (_, prompt), mine, theirs in zip(prompts, champion_answers, base_answers,
-                                                     strict=True)]
+                                             for k, p in enumerate(prompts)))
+    base_answers += [sampled[k * n:(k + 1) * n] for k in range(len(fresh) // n)]
+    mine = sampled[len(fresh):]
+    contexts = [system + [{"role": "user", "content": prompt}] for prompt in prompts]
     side = random.Random(number)
     outcome: Counter = Counter()
-    for context, mine, theirs, _ in answers:  # sides shuffled: an oracle may favour one
-        if side.random() < 0.5:
-            vote = await asyncio.to_thread(oracle, context, mine, theirs)
-        else:
-            flipped = await asyncio.to_thread(oracle, context, theirs, mine)
-            vote = {"a": "b", "b": "a"}.get(flipped, flipped)
-        outcome[{"a": "win", "b": "loss"}.get(vote, vote)] += 1
+    for context, own, theirs in zip(contexts, mine, base_answers, strict=True):
+        for other in theirs:  # sides shuffled: an oracle may favour one
+            if side.random() < 0.5:
+                vote = await asyncio.to_thread(oracle, context, own.text, other.text)
+            else:
+                flipped = await asyncio.to_thread(oracle, context, other.text, own.text)
+                vote = {"a": "b", "b": "a"}.get(flipped, flipped)
+            outcome[{"a": "win", "b": "loss"}.get(vote, vote)] += 1
     decided = outcome["win"] + outcome["loss"]
     reward = getattr(oracle, "reward", None)
     adapter = None if champion == BASE else Path(runtime.store.adapter(champion)["path"])
+    pairs = list(zip(contexts, mine, strict=True))
+    base_pairs = list(zip(contexts, base_answers, strict=True))
     ratios = await asyncio.to_thread(log_ratios, runtime.loop.base_model, adapter,
-                                     [(c, mine) for c, mine, _, _ in answers],
-                                     [cut for *_, cut in answers])
+                                     [(c, m.text) for c, m in pairs],
+                                     [m.finish_reason == "length" for m in mine])
     return {
         "round": number, "champion": champion, "candidate": runtime.store.candidate(),
         "round_status": round_row["status"] if round_row else None,
         "round_error": round_row["error"] if round_row else None,
         "adapter": round_row["adapter"] if round_row else None,
-        "reward_champion": _mean([reward(c, m) for c, m, *_ in answers]) if reward else None,
-        "reward_base": _mean([reward(c, t) for c, _, t, _ in answers]) if reward else None,
+        "reward_champion": _mean([reward(c, m.text) for c, m in pairs]) if reward else None,
+        "reward_base": (_mean([reward(c, t.text) for c, theirs in base_pairs for t in theirs])
+                        if reward else None),
         "winrate_vs_base": outcome["win"] / decided if decided else None,
         "wins": outcome["win"], "losses": outcome["loss"], "ties": outcome["tie"],
         "both_bad": outcome["both_bad"], "kl": _mean(ratios),
-        "mean_words": _mean([len(m.split()) for _, m, *_ in answers]),
+        "mean_words": _mean([len(m.text.split()) for m in mine]),
     }
 
 
@@ -255,7 +263,8 @@ def markdown(report: dict[str, Any]) -> str:
         return "–" if value is None else format(value, spec)
     lines = [f"# Simulation: oracle `{report['oracle']}`, promote `{report['promote']}`", "",
              f"{report['pairs_per_round']} pairs per round, {report['eval_prompts']} held-out "
-             f"prompts, seed {report['seed']}. Round 0 is before any training.", "",
+             f"prompts, each champion answer compared with {report['base_samples']} of base's, "
+             f"seed {report['seed']}. Round 0 is before any training.", "",
              "| round | round status | champion | reward (champion) | reward (base) "
              "| win-rate vs base | W/L/ties/both bad | KL nats/answer | mean words "
              "| seconds: collect / train / measure |",
