@@ -20,7 +20,8 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     data_dir, report = tmp_path / "data", tmp_path / "report"
     result = CliRunner().invoke(main, [
         "simulate", "--oracle", "concise", "--rounds", "1", "--pairs-per-round", "16",
-        "--eval-prompts", "6", "--base-samples", "2", "--report", str(report), "--data-dir", str(data_dir),
+        "--eval-prompts", "6", "--base-samples", "2",
+        "--report", str(report), "--data-dir", str(data_dir),
         "--promote", "immediate", "--max-tokens", "32", "--train-lr", "5e-4",
         "--adapter-prefix", "sim", *external_args])
     assert result.exit_code == 0, result.output
