@@ -469,3 +469,22 @@ def test_read_prompts_missing_or_unreadable(tmp_path: Path):
     latin.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(PromptError, match="cannot be read"):
         read_prompts(latin)
+
+
+def test_report_quotes_answers_as_single_table_cells(tmp_path: Path):
+    from prefloop.sim.simulate import write_report
+
+    point = {"round": 0, "round_status": None, "champion": "base", "reward_champion": 0.5,
+             "reward_base": 0.25, "winrate_vs_base": None, "wins": 0, "losses": 0, "ties": 0,
+             "both_bad": 0, "kl": 0.0, "mean_words": 3.0,
+             "examples": [{"prompt": "a | b?", "answer": "line one\nline | two"},
+                          {"prompt": "blank?", "answer": "  "}]}
+    report = {"oracle": "sentiment", "promote": "immediate", "pairs_per_round": 4,
+              "eval_prompts": 2, "base_samples": 1, "seed": 0, "points": [point]}
+    write_report(report, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 0 | a \\| b? | line one line \\| two |" in text.splitlines()
+    assert "| 0 | blank? | (empty) |" in text.splitlines()
+    assert json.loads((tmp_path / "report.json").read_text())["points"][0]["examples"][1] == \
+        {"prompt": "blank?", "answer": "  "}
+    assert (tmp_path / "reward.png").read_bytes()[:4] == b"\x89PNG"

@@ -37,7 +37,9 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     assert after["reward_base"] == before["reward_base"]  # base's answers are sampled once
     assert set(after["seconds"]) == {"collect", "train", "measure"}
     assert all(seconds > 0 for seconds in after["seconds"].values()), after["seconds"]
-    assert (report / "report.md").read_text().count("\n| ") >= 3
+    assert [len(point["examples"]) for point in figures["points"]] == [2, 2]
+    assert all(example["prompt"] for point in figures["points"] for example in point["examples"])
+    assert (report / "report.md").read_text().count("\n| ") >= 3 + 4
     for plot in ("reward.png", "reward_vs_kl.png"):
         assert (report / plot).read_bytes()[:4] == b"\x89PNG"
     with sqlite3.connect(data_dir / "prefloop.db") as db:

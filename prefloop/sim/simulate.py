@@ -35,6 +35,7 @@ from prefloop.serving.sampler import PairSampler, Sampling, Side
 from prefloop.sim.oracles import Oracle
 
 Messages = list[dict[str, str]]
+EXAMPLES = 2  # held-out prompts whose champion answers the report quotes, every round
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,9 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
         "wins": outcome["win"], "losses": outcome["loss"], "ties": outcome["tie"],
         "both_bad": outcome["both_bad"], "kl": _mean(ratios),
         "mean_words": _mean([len(m.text.split()) for m in mine]),
+        # What the numbers stand for: a rising reward can be a policy gaming the oracle.
+        "examples": [{"prompt": prompt, "answer": m.text}
+                     for prompt, m in zip(prompts[:EXAMPLES], mine, strict=False)],
     }
 
 
@@ -277,7 +281,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {p['wins']}/{p['losses']}/{p['ties']}/{p['both_bad']} "
             f"| {fmt(p['kl'], '.3f')} | {fmt(p['mean_words'], '.1f')} "
             f"| {_phases(p.get('seconds', {}))} |")
+    lines += ["", "The champion's answers to the first held-out prompts:", "",
+              "| round | prompt | answer |", "|---|---|---|"]
+    for p in report["points"]:
+        for example in p.get("examples", []):
+            lines.append(f"| {p['round']} | {_cell(example['prompt'])} "
+                         f"| {_cell(example['answer'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell: no line breaks, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
 
 def plot(report: dict[str, Any], folder: Path) -> None:
