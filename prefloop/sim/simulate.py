@@ -188,7 +188,7 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
         "mean_words": _mean([len(m.text.split()) for m in mine]),
         # What the numbers stand for: a rising reward can be a policy gaming the oracle.
         "examples": [{"prompt": prompt, "answer": m.text}
-                     for prompt, m in zip(prompts[:EXAMPLES], mine, strict=False)],
+                     for prompt, m in zip(prompts[:EXAMPLES], mine[:EXAMPLES], strict=True)],
     }
 
 
