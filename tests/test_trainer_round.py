@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from prefloop.hardware import NO_NATIVE_BF16_ENV, cpu_has_native_bf16
 from prefloop.trainer.batch import collate, completion_logps
 from prefloop.trainer.cli import train_command
 from prefloop.trainer.round import (
@@ -330,9 +331,28 @@ def test_chunks_keep_rows_paired_and_trim_padding() -> None:
     assert batch.chunks(0) == [batch] and batch.chunks(5) == [batch]
 
 
-def test_bf16_autocast_round(tiny_model: Path, tmp_path: Path) -> None:
-    metrics = run_round(_config(tmp_path, tiny_model, precision="bf16"), progress=False)
+def test_bf16_autocast_round_where_the_cpu_has_it(tiny_model: Path, tmp_path: Path) -> None:
+    """Native bf16 (AVX512-BF16, AMX, a GPU): the round runs under autocast. Without it
+    (an AVX2-only CPU, or the rehearsal override): a clear refusal, nothing written."""
+    config = _config(tmp_path, tiny_model, precision="bf16")
+    if not (torch.cuda.is_available() or cpu_has_native_bf16()):
+        with pytest.raises(RoundError, match="AVX512-BF16 or AMX.*use fp32"):
+            run_round(config, progress=False)
+        assert not config.out.exists()
+        return
+    metrics = run_round(config, progress=False)
     assert metrics["autocast"] == "bfloat16" and metrics["dtype"] == "float32"
     assert metrics["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     fp32 = run_round(_config(tmp_path / "fp32", tiny_model, precision="fp32"), progress=False)
     assert fp32["autocast"] is None
+
+
+def test_bf16_is_refused_on_a_cpu_without_it(tiny_model: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NO_NATIVE_BF16_ENV, "1")  # any machine rehearses an AVX2-only CPU
+    config = _config(tmp_path, tiny_model, precision="bf16")
+    with pytest.raises(RoundError, match="AVX512-BF16 or AMX"):
+        run_round(config, progress=False)
+    assert not config.out.exists()
+    assert run_round(_config(tmp_path / "auto", tiny_model, precision="auto"),
+                     progress=False)["autocast"] is None

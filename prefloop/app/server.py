@@ -160,7 +160,7 @@ def _vllm_server(settings: Settings, model_path: Path) -> VLLMServer:
                       memory_fraction=settings.vllm_memory_fraction,
                       max_model_len=settings.max_model_len,
                       lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots,
-                      start_timeout=settings.vllm_start_timeout)
+                      start_timeout=settings.vllm_start_timeout, dtype=settings.serve_dtype)
 
 
 def make_sampler(settings: Settings, runtime: Runtime,

