@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,23 @@ for _name in [n for n in os.environ if n.startswith("PREFLOOP_")]:
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PREFLOOP_TEST_CACHE_DIR", REPO / ".cache" / "test"))
+
+# Tests wait for the event they need (a token, a row, a state); a deadline only turns a hang
+# into a failure, so it is sized for the slowest machine the suite runs on (2 cores, AVX2
+# only, the rest of the suite beside it), never for this one.
+START_TIMEOUT = 600.0  # seconds for a vLLM or a `prefloop serve` to start
+PAGE_TIMEOUT_MS = 60_000  # the page reacting to a click (a Gradio round trip)
+ANSWER_TIMEOUT_MS = 300_000  # a pair of answers written by vLLM, shown in the page
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             poll: float = 0.1) -> None:
+    """Return once ``condition()`` is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +58,7 @@ def vllm_server(embedded_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     from prefloop.serving.vllm_server import VLLMServer
 
     server = VLLMServer(embedded_model, tmp_path_factory.mktemp("vllm"), memory_fraction=0.3,
-                        max_model_len=2048, start_timeout=600)
+                        max_model_len=2048, start_timeout=START_TIMEOUT)
     server.start()
     yield server
     server.stop()
@@ -72,9 +90,7 @@ class ServeProcess:
                  "--port", str(self.port), *args],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        import time
-
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -133,10 +149,11 @@ def browser():
     """Debian's Chromium through Playwright, one per test module."""
     import shutil
 
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     executable = shutil.which("chromium")
     assert executable, "Chromium is missing: run `make chromium` (apt-get install chromium)"
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)  # Playwright's default is 5 s
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
@@ -148,6 +165,7 @@ def open_page(browser, url: str) -> Iterator:
     happened in the page. Use it as the body of a ``page`` fixture."""
     context = browser.new_context(viewport={"width": 1200, "height": 1000})
     page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(url)
