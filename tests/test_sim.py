@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,6 +128,7 @@ class JudgeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), JudgeHandler)
         self.requests: list[dict[str, Any]] = []
         self.hits: Counter[str] = Counter()
+        self.release_slow = threading.Event()  # the "slow" model answers once this is set
 
     @property
     def url(self) -> str:
@@ -155,7 +155,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
                                      "authorization": self.headers.get("Authorization")})
         self.server.hits[model] += 1
         if model == "slow":
-            time.sleep(1.0)
+            self.server.release_slow.wait(60)
         if model == "broken" or (model == "flaky" and self.server.hits[model] == 1):
             self._send(500, {"error": "overloaded"})
         elif model == "missing":
@@ -181,13 +181,14 @@ def judge_server() -> Iterator[JudgeServer]:
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield server
+    server.release_slow.set()
     server.shutdown()
     server.server_close()
     thread.join()
 
 
 def _judge(server: JudgeServer, model: str, **options: Any) -> JudgeOracle:
-    return JudgeOracle(server.url, model, **{"timeout": 5.0, "backoff": 0.0, **options})
+    return JudgeOracle(server.url, model, **{"timeout": 60.0, "backoff": 0.0, **options})
 
 
 @pytest.mark.parametrize("model, vote", [("say-a", "a"), ("say-b", "b"), ("say-tie", "tie"),
@@ -236,10 +237,10 @@ def test_judge_counts_an_unparseable_reply_as_a_tie(judge_server: JudgeServer):
 
 
 def test_judge_counts_a_timeout_as_a_tie_without_retrying(judge_server: JudgeServer):
+    # The slow reply is held back until the judge has returned: only its timeout ended it.
     with _judge(judge_server, "slow", timeout=0.2, retries=2) as judge:
-        started = time.monotonic()
         assert judge(CONTEXT, "x", "y") == "tie"
-        assert time.monotonic() - started < 0.9  # gave up before the 1 s reply
+    judge_server.release_slow.set()
     assert judge.failures == Counter({"timeout": 1})
     assert judge_server.hits["slow"] == 1
 
