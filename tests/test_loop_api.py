@@ -32,7 +32,12 @@ DEAD = "http://127.0.0.1:9"
 ADMIN = ("rounds", "promote", "pause", "resume")
 # The trainer is the command plus the job's flags; these ignore the flags.
 BOOM = (sys.executable, "-c", "import sys; sys.exit('boom')")
-SLEEP = (sys.executable, "-c", "import time; time.sleep(5)")
+
+
+def gated(gate: Path) -> tuple[str, ...]:
+    """A trainer that runs until ``gate`` exists, then exits 0 without writing an adapter."""
+    return (sys.executable, "-c", "import pathlib, time\n"
+            f"while not pathlib.Path({str(gate)!r}).exists():\n    time.sleep(0.05)\n")
 
 
 @pytest.fixture
@@ -317,9 +322,10 @@ def test_start_round_reports_the_trainers_failure(loop: Loop, client: TestClient
     assert client.get("/api/v1/stats").json()["loop"]["state"] == "running"
 
 
-def test_one_round_at_a_time(loop: Loop, client: TestClient) -> None:
+def test_one_round_at_a_time(loop: Loop, client: TestClient, tmp_path: Path) -> None:
     vote(loop.store, "base", "base", "a", kind="sample")
-    loop.trainer_command = SLEEP
+    gate = tmp_path / "gate"
+    loop.trainer_command = gated(gate)
     first = admin(client, "rounds", AUTH)
     assert first.status_code == 200, first.text
     round_id = first.json()["round_id"]
@@ -331,10 +337,11 @@ def test_one_round_at_a_time(loop: Loop, client: TestClient) -> None:
     assert status["state"] == "training" and status["round"]["id"] == round_id
     assert [r["status"] for r in client.get("/api/v1/rounds").json()["rounds"]] == ["running"]
 
+    gate.touch()
     loop.wait_for_round(30)
     assert not loop.training
     [done] = client.get("/api/v1/rounds").json()["rounds"]
-    # It slept and exited 0 without writing an adapter.
+    # It exited 0 without writing an adapter.
     assert done["status"] == "failed" and "metrics.json" in done["error"], done
     # The lock is free again: the next round starts.
     loop.trainer_command = BOOM
