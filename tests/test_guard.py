@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -287,17 +286,24 @@ def test_concurrent_votes_on_one_pair_exactly_one_wins(app, store: Store) -> Non
 
 
 @contextmanager
-def locked(db_path: Path, seconds: float | None = None) -> Iterator[None]:
-    """Another writer holds the database's write lock (for ``seconds``, or the block)."""
+def locked(db_path: Path, seconds: float | None = None) -> Iterator[threading.Event]:
+    """Another writer holds the database's write lock (for ``seconds``, or the block).
+    Yields an event that is set just before the lock is let go."""
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     other.execute("insert into loop_state (key, value) values ('lock', 'held')")
+    releasing = threading.Event()
+
+    def release() -> None:
+        releasing.set()
+        other.execute("ROLLBACK")
+
     timer = None
     if seconds is not None:
-        timer = threading.Timer(seconds, other.execute, ["ROLLBACK"])
+        timer = threading.Timer(seconds, release)
         timer.start()
     try:
-        yield
+        yield releasing
     finally:
         if timer is not None:
             timer.join()
@@ -310,11 +316,11 @@ def test_a_vote_waits_for_a_short_lock_and_is_stored(app, store: Store,
                                                      settings: Settings) -> None:
     with visitor(app) as client:
         pair = own_pair(store, client_id(client))
-        with locked(settings.db_path, seconds=0.5):
-            start = time.monotonic()
+        with locked(settings.db_path, seconds=0.5) as releasing:  # < the 1 s busy timeout
             response = client.post("/api/v1/votes", json={"pair_id": pair, "choice": "a"})
-            waited = time.monotonic() - start
-        assert response.status_code == 200 and waited >= 0.4
+            # It was answered only once the other writer let go: it waited for the lock.
+            assert releasing.is_set()
+        assert response.status_code == 200
         assert store.vote_of(pair)["choice"] == "a"
 
 
