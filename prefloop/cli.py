@@ -19,8 +19,11 @@ from typing import Any
 import click
 
 from prefloop.config import ConfigError, Settings, env_name, load_settings, setting_fields
+from prefloop.loop.voters import CHECKS
 from prefloop.serving.models import ModelError, is_prepared, model_dir_for, prepare_model
 from prefloop.serving.vllm_server import VLLMError
+from prefloop.sim.crowd import KINDS as VOTER_KINDS
+from prefloop.sim.crowd import NoiseError, parse_noise
 from prefloop.storage.exchange import FORMATS
 from prefloop.trainer.cli import train_command
 
@@ -229,9 +232,24 @@ if __name__ == "__main__":
     main()
 
 
+MIN_CHECKED_VOTES = min(CHECKS.min_decisive, CHECKS.min_timed, CHECKS.min_comparable)
+
+
+def _noise_option(ctx: click.Context, param: click.Parameter,
+                  value: str | None) -> dict[str, float]:
+    """``--noise random:0.3,side:0.1`` read strictly, before anything starts."""
+    if value is None:
+        return {}
+    try:
+        return parse_noise(value)
+    except NoiseError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @main.command()
 @click.option("--oracle", "oracle_spec", required=True,
-              help="sentiment | concise | judge | module:function | path/to/file.py:function")
+              help="sentiment | concise | judge | random | module:function | "
+                   "path/to/file.py:function")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Training rounds to run.")
 @click.option("--pairs-per-round", type=click.IntRange(1, 1_000_000), default=64,
@@ -250,13 +268,22 @@ if __name__ == "__main__":
 @click.option("--base-samples", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Base's answers per held-out prompt (sampled once) that each champion "
                    "answer is compared with.")
+@click.option("--voters", type=click.IntRange(1, 100_000), default=8, show_default=True,
+              help="Simulated voters, each its own client; each pair goes to one at random. "
+                   f"The voter checks need {MIN_CHECKED_VOTES} votes of a client: keep "
+                   "rounds × pairs per round / voters above that for them to see anything.")
+@click.option("--noise", callback=_noise_option, metavar="KIND:SHARE,...",
+              help="Voters that are not honest, as shares of --voters, e.g. "
+                   "random:0.3,side:0.1 (the rest vote as the oracle does). "
+                   + "; ".join(f"{name}: {kind.help}" for name, kind in VOTER_KINDS.items())
+                   + ".")
 @click.option("--judge-url", help="OpenAI-compatible server of the judge oracle (…/v1).")
 @click.option("--judge-model", help="Model name of the judge oracle; key from $JUDGE_API_KEY.")
 @settings_options
 def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round: int,
              report_dir: Path, seed: int, prompts_file: Path | None, eval_prompts: int | None,
-             concurrency: int, base_samples: int, judge_url: str | None,
-             judge_model: str | None) -> None:
+             concurrency: int, base_samples: int, voters: int, noise: dict[str, float],
+             judge_url: str | None, judge_model: str | None) -> None:
     """Run the real loop with an oracle voting instead of people, and report what it learned.
 
     Without --data-dir the simulation gets a fresh folder (never your own data folder).
@@ -265,13 +292,20 @@ def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round:
     import tempfile
 
     from prefloop.config import _default_data_dir
+    from prefloop.sim.crowd import crowd_sizes
     from prefloop.sim.oracles import OracleError, load_oracle
     from prefloop.sim.prompts import PROMPTS, PromptError, read_prompts, split_prompts
+    from prefloop.sim.report import crowd_line
     from prefloop.sim.simulate import SimulationPlan, run_simulation
 
+    try:
+        sizes = crowd_sizes(noise, voters)
+    except NoiseError as exc:
+        raise click.BadParameter(f"{exc} (--voters {voters})", param_hint="'--noise'") \
+            from None
     judge = {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v}
     try:
-        oracle = load_oracle(oracle_spec, **judge)
+        oracle = load_oracle(oracle_spec, seed=seed, **judge)
         prompts = read_prompts(prompts_file) if prompts_file else PROMPTS
         train, held_out = split_prompts(prompts, seed=seed)
     except (OracleError, PromptError, ValueError) as exc:
@@ -280,8 +314,13 @@ def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round:
         settings = dataclasses.replace(
             settings, data_dir=Path(tempfile.mkdtemp(prefix="prefloop-sim-")))
     click.echo(f"data folder: {settings.data_dir}")
+    click.echo(f"voters: {crowd_line(sizes, noise)}")
+    if rounds * pairs_per_round < voters * MIN_CHECKED_VOTES:
+        click.echo(f"note: ~{rounds * pairs_per_round / voters:.0f} votes per voter; the voter "
+                   f"checks need {MIN_CHECKED_VOTES} of a client, so few if any will be flagged "
+                   "(use fewer --voters or more pairs)")
     plan = SimulationPlan(rounds, pairs_per_round, train, held_out[:eval_prompts], seed,
-                          concurrency, base_samples)
+                          concurrency, base_samples, voters, noise)
     try:
         run_simulation(settings, plan, oracle, report_dir)
     except (ModelError, VLLMError) as exc:

@@ -4,6 +4,8 @@ loading, and the built-in prompt set."""
 from __future__ import annotations
 
 import json
+import random
+import re
 import sys
 import threading
 from collections import Counter
@@ -14,12 +16,22 @@ from typing import Any
 
 import pytest
 
+from prefloop.app.guard import CLIENT_ID
+from prefloop.sim.crowd import (
+    NoiseError,
+    crowd_sizes,
+    draw_voters,
+    make_crowd,
+    parse_noise,
+    reading_seconds,
+)
 from prefloop.sim.oracles import (
     VOTES,
     CheckedOracle,
     ConciseOracle,
     JudgeOracle,
     OracleError,
+    RandomOracle,
     SentimentOracle,
     is_complete,
     judge_messages,
@@ -27,10 +39,46 @@ from prefloop.sim.oracles import (
     parse_verdict,
 )
 from prefloop.sim.prompts import PROMPTS, PromptError, read_prompts, split_prompts
+from prefloop.sim.report import adapter_fates, gate_snapshot
 
 CONTEXT = [{"role": "user", "content": "How was your day?"}]
 POSITIVE = "It was a wonderful day, thank you! I loved every minute of it."
 NEGATIVE = "It was a terrible day. Everything went wrong and I hate it."
+
+
+# -- random ---------------------------------------------------------------------------------
+
+def _contexts(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Question {i}?"}] for i in range(n)]
+
+
+def test_random_votes_a_and_b_evenly_with_some_ties():
+    votes = Counter(RandomOracle(seed=7)(c, "same", "same") for c in _contexts(4000))
+    assert set(votes) == {"a", "b", "tie"}
+    # Seeded, so the counts are fixed; the bounds are ~4 standard deviations wide.
+    assert abs(votes["a"] - votes["b"]) < 4 * (4000 * 0.9) ** 0.5
+    assert 0.08 < votes["tie"] / 4000 < 0.12
+    assert set(RandomOracle(seed=7, ties=0.0)(c, "x", "y") for c in _contexts(200)) == {"a", "b"}
+
+
+def test_random_votes_depend_on_the_seed_and_the_pair_not_the_call_order():
+    contexts = _contexts(50)
+    first = [RandomOracle(seed=1)(c, "x", "y") for c in contexts]
+    oracle = RandomOracle(seed=1)
+    backwards = [oracle(c, "x", "y") for c in reversed(contexts)][::-1]
+    assert first == backwards
+    assert first != [RandomOracle(seed=2)(c, "x", "y") for c in contexts]
+    assert first != [RandomOracle(seed=1)(c, "x", "z") for c in contexts]
+
+
+def test_random_has_no_reward_and_takes_the_seed_through_load_oracle():
+    oracle = load_oracle("random", seed=5)
+    assert isinstance(oracle, RandomOracle) and oracle.seed == 5 and oracle.name == "random"
+    assert getattr(oracle, "reward", None) is None  # nothing to score: the report shows –
+    with pytest.raises(OracleError, match="ties"):
+        RandomOracle(ties=1.0)
+    with pytest.raises(OracleError, match="judge"):
+        load_oracle("random", url="http://x")
 
 
 # -- sentiment ------------------------------------------------------------------------------
@@ -473,7 +521,7 @@ def test_read_prompts_missing_or_unreadable(tmp_path: Path):
 
 
 def test_report_quotes_answers_as_single_table_cells(tmp_path: Path):
-    from prefloop.sim.simulate import write_report
+    from prefloop.sim.report import write_report
 
     point = {"round": 0, "round_status": None, "champion": "base", "reward_champion": 0.5,
              "reward_base": 0.25, "winrate_vs_base": None, "wins": 0, "losses": 0, "ties": 0,
@@ -489,3 +537,208 @@ def test_report_quotes_answers_as_single_table_cells(tmp_path: Path):
     assert json.loads((tmp_path / "report.json").read_text())["points"][0]["examples"][1] == \
         {"prompt": "blank?", "answer": "  "}
     assert (tmp_path / "reward.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- crowds ---------------------------------------------------------------------------------
+
+def test_parse_noise():
+    assert parse_noise("random:0.3,side:0.1") == {"random": 0.3, "side": 0.1}
+    assert parse_noise(" side : 1 ") == {"side": 1.0}
+    assert parse_noise("random:0.7,side:0.2,fast:0.1") == {"random": 0.7, "side": 0.2,
+                                                          "fast": 0.1}  # sums to 1 exactly
+    assert parse_noise("fast:0") == {"fast": 0.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is not kind:share"),
+    ("random", "is not kind:share"),
+    ("random:", "is not kind:share"),
+    (":0.3", "is not kind:share"),
+    ("random:0.3,,side:0.1", "is not kind:share"),
+    ("random:0.3;side:0.1", "must be a number"),
+    ("honest:0.5", "unknown voter kind 'honest': use random, side, fast"),
+    ("Random:0.3", "unknown voter kind"),
+    ("random:abc", "must be a number"),
+    ("random:30%", "must be a number"),
+    ("random:1.5", "from 0 to 1, got 1.5"),
+    ("side:-0.1", "from 0 to 1"),
+    ("side:nan", "from 0 to 1"),
+    ("side:inf", "from 0 to 1"),
+    ("random:0.7,side:0.4", "add up to 1.1"),
+    ("random:0.1,random:0.2", "given twice"),
+])
+def test_parse_noise_refuses_bad_text(text: str, message: str):
+    with pytest.raises(NoiseError, match=re.escape(message)):
+        parse_noise(text)
+
+
+def test_crowd_sizes_add_up_by_largest_remainder():
+    assert crowd_sizes({"random": 0.3, "side": 0.1}, 20) == {"honest": 12, "random": 6,
+                                                            "side": 2}
+    # 8 voters: quotas 4.8 / 2.4 / 0.8; the two seats left go to the largest remainders.
+    assert crowd_sizes({"random": 0.3, "side": 0.1}, 8) == {"honest": 5, "random": 2,
+                                                           "side": 1}
+    assert crowd_sizes({}, 3) == {"honest": 3}
+    assert crowd_sizes({"random": 1.0}, 4) == {"honest": 0, "random": 4}
+    for size in range(3, 40):  # fewer than 3 cannot hold all three kinds
+        assert sum(crowd_sizes({"random": 0.45, "side": 0.35, "fast": 0.2}, size).values()) \
+            == size
+
+
+def test_a_named_kind_that_would_get_no_voter_is_an_error():
+    with pytest.raises(NoiseError, match="side:0.01 of 20 voters is no voter"):
+        crowd_sizes({"side": 0.01}, 20)
+    assert crowd_sizes({"side": 0.0}, 20) == {"honest": 20, "side": 0}  # asked for none
+
+
+def test_a_crowd_is_the_same_for_a_seed_and_votes_by_kind():
+    oracle = ConciseOracle()
+    crowd = make_crowd(oracle, {"random": 0.25, "side": 0.25, "fast": 0.25}, 8, seed=3)
+    again = make_crowd(oracle, {"random": 0.25, "side": 0.25, "fast": 0.25}, 8, seed=3)
+    assert [(v.client_id, v.kind) for v in crowd] == [(v.client_id, v.kind) for v in again]
+    assert Counter(v.kind for v in crowd) == {"honest": 2, "random": 2, "side": 2, "fast": 2}
+    assert all(CLIENT_ID.fullmatch(v.client_id) for v in crowd)  # like the cookie ids
+    assert len({v.client_id for v in crowd}) == 8
+    other = make_crowd(oracle, {"random": 0.25, "side": 0.25, "fast": 0.25}, 8, seed=4)
+    assert not {v.client_id for v in crowd} & {v.client_id for v in other}
+    short, long_ = "Yes.", "Yes, that is right, I think."
+    for voter in crowd:
+        assert voter.reads == (voter.kind != "fast")
+        if voter.kind in ("honest", "fast"):
+            assert voter.vote(CONTEXT, long_, short) == "b"  # the oracle's vote
+        if voter.kind == "side":
+            assert voter.vote(CONTEXT, long_, short) == "a"
+    # Two random voters draw apart from each other, each the same way every time.
+    first, second = (v for v in crowd if v.kind == "random")
+    votes = [[v.vote(c, "x", "y") for c in _contexts(40)] for v in (first, second, first)]
+    assert votes[0] != votes[1] and votes[0] == votes[2]
+
+
+def test_draw_voters_is_seeded_and_spreads_the_pairs():
+    crowd = make_crowd(ConciseOracle(), {"side": 0.5}, 4, seed=0)
+    drawn = draw_voters(crowd, 400, random.Random(9))
+    assert drawn == draw_voters(crowd, 400, random.Random(9))
+    assert drawn != draw_voters(crowd, 400, random.Random(10))
+    counts = Counter(v.client_id for v in drawn)
+    assert set(counts) == {v.client_id for v in crowd}
+    assert all(60 < n < 140 for n in counts.values())  # 100 each expected; fixed by the seed
+
+
+def test_an_honest_voter_reads_longer_than_the_voter_checks_bound():
+    from prefloop.loop import voters
+
+    pair = {"text_a": "x" * 300, "text_b": "y" * 500, "first_token_ms": 100.0,
+            "total_ms": 2100.0}
+    bound = voters.reading_seconds({"chars_a": 300, "chars_b": 500})
+    # Twice the bound on screen: the wait after storing plus the 2 s of streaming.
+    assert reading_seconds(pair) + 2.0 == pytest.approx(2 * bound)
+    assert reading_seconds({**pair, "first_token_ms": None}) == pytest.approx(2 * bound)
+    assert reading_seconds({**pair, "total_ms": 100_000.0}) == 0.0  # read while streaming
+
+
+# -- the report's gate and voter sections ---------------------------------------------------
+
+def _duel(a: str, b: str, choice: str, voter: str) -> dict[str, Any]:
+    return {"kind": "duel", "policy_a": a, "policy_b": b, "choice": choice, "voter": voter}
+
+
+def test_adapter_fates_count_each_adapters_duels_per_opponent():
+    adapters = [{"name": "v0001", "state": "champion", "reason": "won its duels", "parent": "base"},
+                {"name": "v0002", "state": "rejected", "reason": "no better", "parent": "v0001"}]
+    voted = [
+        _duel("v0001", "base", "a", "c1"), _duel("base", "v0001", "a", "c2"),
+        _duel("base", "v0001", "b", "c1"), _duel("v0001", "base", "tie", "c1"),
+        {"kind": "sample", "policy_a": "v0001", "policy_b": "v0001", "choice": "a",
+         "voter": "c1"},
+        _duel("v0002", "v0001", "b", "bad"), _duel("v0001", "v0002", "both_bad", "c1"),
+        _duel("v0002", "v0001", "written", "c2"),
+    ]
+    fates = adapter_fates(adapters, voted, flagged=["bad"])
+    assert fates[0]["name"] == "v0001" and fates[0]["state"] == "champion"
+    assert fates[0]["duels"] == [
+        {"opponent": "base", "votes": 4, "wins": 2, "losses": 1, "ties": 1, "both_bad": 0,
+         "flagged": 0},
+        {"opponent": "v0002", "votes": 3, "wins": 1, "losses": 0, "ties": 0, "both_bad": 1,
+         "flagged": 1}]
+    assert fates[1]["duels"] == [
+        {"opponent": "v0001", "votes": 3, "wins": 0, "losses": 1, "ties": 0, "both_bad": 1,
+         "flagged": 1}]
+    assert fates[1]["reason"] == "no better" and fates[1]["parent"] == "v0001"
+
+
+def test_gate_snapshot_reads_adapters_votes_and_flags_from_a_real_store(tmp_path: Path):
+    from prefloop.storage.store import Answer, Store
+
+    crowd = make_crowd(ConciseOracle(), {"side": 0.5}, 2, seed=0)
+    honest, side = sorted(crowd, key=lambda v: v.kind)
+    store = Store(tmp_path / "prefloop.db")
+    try:
+        store.add_adapter("v0001", tmp_path / "v0001", None, "base")
+        for voter, choice in ((honest, "b"), (side, "a"), (side, "a")):
+            conversation = store.create_conversation(voter.client_id)
+            pair = store.add_pair(conversation, CONTEXT, Answer("v0001", "A.", 1, "stop", 2),
+                                  Answer("base", "B.", 2, "stop", 2), kind="duel")
+            store.vote(pair, choice, client_id=voter.client_id)
+        store.flag_client(side.client_id, ["position bias: chose A in 2 of 2"])
+        store.set_adapter_state("v0001", "rejected", "no better: 0.33 over 1 vote")
+        snapshot = gate_snapshot(store, crowd)
+    finally:
+        store.close()
+    assert snapshot["adapters"] == [{
+        "name": "v0001", "state": "rejected", "reason": "no better: 0.33 over 1 vote",
+        "parent": "base", "duels": [{"opponent": "base", "votes": 3, "wins": 2, "losses": 1,
+                                     "ties": 0, "both_bad": 0, "flagged": 2}]}]
+    [flag] = snapshot["flagged"]
+    assert flag["client_id"] == side.client_id and flag["kind"] == "side"
+    assert flag["reasons"] == ["position bias: chose A in 2 of 2"] and flag["flagged_at"]
+    assert snapshot["flagged_by_kind"] == {"honest": {"voters": 1, "flagged": 0},
+                                           "side": {"voters": 1, "flagged": 1}}
+
+
+def _point(number: int, adapters: list[dict], flagged: list[dict],
+           by_kind: dict[str, dict[str, int]]) -> dict[str, Any]:
+    return {"round": number, "round_status": "succeeded" if number else None,
+            "champion": "base", "reward_champion": None, "reward_base": None,
+            "winrate_vs_base": 0.5, "wins": 1, "losses": 1, "ties": 0, "both_bad": 0,
+            "kl": 0.0, "mean_words": 3.0, "examples": [], "adapters": adapters,
+            "flagged": flagged, "flagged_by_kind": by_kind}
+
+
+def test_report_shows_gate_decisions_flags_and_every_candidates_fate(tmp_path: Path):
+    from prefloop.sim.report import markdown, write_report
+
+    duels = [{"opponent": "base", "votes": 31, "wins": 12, "losses": 17, "ties": 2,
+              "both_bad": 0, "flagged": 3}]
+    v1 = {"name": "v0001", "state": "candidate", "reason": None, "parent": "base", "duels": []}
+    v1_out = {**v1, "state": "rejected", "reason": "no better | over 31 votes", "duels": duels}
+    v2 = {"name": "v0002", "state": "candidate", "reason": None, "parent": "base", "duels": []}
+    side = {"client_id": "ab" * 16, "kind": "side", "reasons": ["position bias", "too fast"],
+            "flagged_at": "2025-01-01T00:00:00", "votes": 22}
+    none = {"honest": {"voters": 5, "flagged": 0}, "side": {"voters": 1, "flagged": 0}}
+    one = {"honest": {"voters": 5, "flagged": 0}, "side": {"voters": 1, "flagged": 1}}
+    report = {"oracle": "random", "promote": "duel", "pairs_per_round": 64, "eval_prompts": 4,
+              "base_samples": 2, "seed": 1, "noise": {"side": 0.1},
+              "voters": {"honest": 5, "side": 1},
+              "points": [_point(0, [], [], none), _point(1, [v1], [], none),
+                         _point(2, [v1_out, v2], [side], one), _point(3, [v1_out, v2], [side],
+                                                                      one)]}
+    lines = markdown(report).splitlines()
+    assert "Voters, each its own client: 5 honest, 1 side (10%). Honest voters vote as the " \
+           "oracle does." in lines
+    decisions = lines[lines.index("## Gate decisions"):lines.index("## Flagged voters")]
+    assert [line.split(" | ")[:3] for line in decisions if line.startswith("| ") and
+            line[2].isdigit()] == [["| 1", "v0001", "candidate"], ["| 2", "v0001", "rejected"],
+                                   ["| 2", "v0002", "candidate"]]  # changes only
+    assert "| 2 | v0001 | rejected | no better \\| over 31 votes | vs base: 31 votes, 12 W / " \
+           "17 L / 2 tie / 0 both bad, 3 from flagged clients |" in decisions
+    flags = lines[lines.index("## Flagged voters"):lines.index("## Every candidate's fate")]
+    assert "| 1 | none | honest 0/5, side 0/1 |" in flags
+    assert "| 2 | abababab side: position bias, too fast | honest 0/5, side 1/1 |" in flags
+    assert "| 3 | none | honest 0/5, side 1/1 |" in flags  # flagged before: not new
+    assert "At the end: honest 0/5, side 1/1 flagged." in flags
+    fates = lines[lines.index("## Every candidate's fate"):]
+    assert fates[-2].startswith("| v0001 | 1 | base | rejected | no better")
+    assert fates[-1] == "| v0002 | 2 | base | candidate | – | none |"
+    write_report(report, tmp_path)  # no reward to plot (random oracle): no plot, no error
+    assert not (tmp_path / "reward.png").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["points"][2]["flagged"] == [side]

@@ -21,6 +21,7 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     result = CliRunner().invoke(main, [
         "simulate", "--oracle", "concise", "--rounds", "1", "--pairs-per-round", "16",
         "--eval-prompts", "6", "--base-samples", "2",
+        "--voters", "4", "--noise", "random:0.25,side:0.25",
         "--report", str(report), "--data-dir", str(data_dir),
         "--promote", "immediate", "--max-tokens", "32", "--train-lr", "5e-4",
         "--adapter-prefix", "sim", *external_args])
@@ -48,6 +49,31 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
             [("succeeded", "v0001")]
     assert (data_dir / "adapters" / "v0001" / "adapter_config.json").is_file()
 
+    # The crowd: each voter its own client, the votes stored as theirs.
+    assert "voters: 2 honest, 1 random (25%), 1 side (25%)" in result.output
+    assert figures["voters"] == {"honest": 2, "random": 1, "side": 1}
+    kinds = {voter["client_id"]: voter["kind"] for voter in figures["crowd"]}
+    assert len(kinds) == 4 and all(len(client_id) == 32 for client_id in kinds)
+    assert sum(sum(v.values()) for v in after["votes_by_kind"].values()) == 16
+    assert set(after["votes_by_kind"].get("side", {"a": 0})) == {"a"}
+    with sqlite3.connect(data_dir / "prefloop.db") as db:
+        owners = db.execute("select v.client_id, c.client_id from votes v join pairs p on "
+                            "p.id = v.pair_id join conversations c on c.id = "
+                            "p.conversation_id").fetchall()
+    assert all(voter == owner and voter in kinds for voter, owner in owners), owners
+    # The gate's side: the adapter, its state and reason; flags (16 votes: too few for any).
+    assert before["adapters"] == [] and before["flagged"] == []
+    [adapter] = after["adapters"]
+    assert (adapter["name"], adapter["state"], adapter["reason"]) == \
+        ("v0001", "champion", "promote: immediate")
+    assert after["flagged"] == []
+    assert after["flagged_by_kind"] == {kind: {"voters": n, "flagged": 0}
+                                        for kind, n in figures["voters"].items()}
+    text = (report / "report.md").read_text()
+    assert "| 1 | v0001 | champion | promote: immediate | none |" in text
+    assert "| v0001 | 1 | base | champion | promote: immediate | none |" in text
+    assert "At the end: honest 0/2, random 0/1, side 0/1 flagged." in text
+
     # The KL estimate itself: 0 without an adapter; the trained adapter moves log-probs.
     items = [([{"role": "user", "content": "Name a fruit."}], "An apple.")]
     assert log_ratios(embedded_model, None, items) == [0.0]
@@ -60,6 +86,13 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     (["--oracle", "concise", "--base-samples", "0"], "--base-samples"),
     (["--oracle", "concise", "--prompts", "/nope/prompts.txt"], "does not exist"),
     (["--oracle", "judge"], "judge"),
+    (["--oracle", "random", "--noise", "lazy:0.2"], "'--noise': unknown voter kind 'lazy'"),
+    (["--oracle", "random", "--noise", "side:1.2"], "'--noise': the share of side must be"),
+    (["--oracle", "random", "--noise", "random:0.6,side:0.6"], "add up to 1.2"),
+    (["--oracle", "random", "--noise", "random=0.3"], "'--noise': 'random=0.3' is not"),
+    (["--oracle", "random", "--noise", "side:0.1", "--voters", "4"],
+     "side:0.1 of 4 voters is no voter at all"),
+    (["--oracle", "random", "--voters", "0"], "--voters"),
 ])
 def test_bad_simulate_arguments_are_refused(tmp_path: Path, args: list[str],
                                             message: str) -> None:

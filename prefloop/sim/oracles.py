@@ -10,6 +10,8 @@ with ``getattr(oracle, "reward", None)``).
   that the loop learns at all.
 - ``concise``: the shorter answer that still finishes its sentence.
 - ``judge``: an OpenAI-compatible chat model asked which answer is better (AI feedback).
+- ``random``: a or b at random, some ties; no reward. Nothing to learn: a gate that promotes
+  against it promotes noise.
 - ``module:function`` or ``path/to/file.py:function``: your own function.
 """
 
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
+import random
 import re
 import time
 from collections import Counter
@@ -113,6 +117,33 @@ class ConciseOracle:
         if not a.strip() and not b.strip():
             return "both_bad"
         return _by_reward(self.reward(context, a), self.reward(context, b))
+
+
+RANDOM_TIES = 0.1  # the random oracle's share of ties
+
+
+class RandomOracle:
+    """Votes ``a`` or ``b`` with equal odds, ``tie`` with odds ``ties``, whatever the answers.
+
+    The vote is a function of the seed and the pair's text (context and both answers), not
+    of the order of calls: a simulation that asks for votes concurrently is still
+    reproducible. It has no ``reward``: there is no better answer to score.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, ties: float = RANDOM_TIES) -> None:
+        if not 0 <= ties < 1:
+            raise OracleError(f"random oracle: ties must be from 0 to below 1, got {ties!r}")
+        self.seed = seed
+        self.ties = ties
+
+    def __call__(self, context: Messages, a: str, b: str) -> Vote:
+        # random.Random hashes a str seed with SHA-512: the same on every run and platform.
+        draw = random.Random(json.dumps([self.seed, context, a, b])).random()
+        if draw < self.ties:
+            return "tie"
+        return "a" if draw < self.ties + (1 - self.ties) / 2 else "b"
 
 
 JUDGE_SYSTEM = (
@@ -289,13 +320,14 @@ class CheckedOracle:
         return vote
 
 
-BUILT_IN = ("sentiment", "concise", "judge")
+BUILT_IN = ("sentiment", "concise", "judge", "random")
 
 
-def load_oracle(spec: str, **judge_options: Any) -> Oracle:
+def load_oracle(spec: str, *, seed: int = 0, **judge_options: Any) -> Oracle:
     """The oracle named by ``spec``: a built-in name, ``module:function`` or
-    ``path/to/file.py:function``. ``judge_options`` go to :class:`JudgeOracle` (url, model,
-    ...) and are an error for any other oracle."""
+    ``path/to/file.py:function``. ``seed`` seeds the oracles that draw (``random``);
+    ``judge_options`` go to :class:`JudgeOracle` (url, model, ...) and are an error for any
+    other oracle."""
     spec = spec.strip()
     if judge_options and spec != "judge":
         raise OracleError(f"options {', '.join(sorted(judge_options))} only apply to the "
@@ -304,6 +336,8 @@ def load_oracle(spec: str, **judge_options: Any) -> Oracle:
         return SentimentOracle()
     if spec == "concise":
         return ConciseOracle()
+    if spec == "random":
+        return RandomOracle(seed)
     if spec == "judge":
         missing = [k for k in ("url", "model") if not judge_options.get(k)]
         if missing:

@@ -1,38 +1,42 @@
 """``prefloop simulate``: the real loop with an oracle voting instead of people.
 
 Everything is real: vLLM serves the answers, votes go through the same service as the page
-(so duel votes decide promotion), rounds run the trainer subprocess, new adapters are
-hot-swapped. Before the first round and after each, the champion and ``base`` answer the
-held-out prompts, and the report records the oracle's mean reward of each, the champion's
-win-rate against ``base`` (ties and both-bad excluded and counted), and KL(champion ‖ base)
-per answer, estimated from the champion's samples as the mean of log π(y) − log π_base(y)
+(so duel votes decide promotion, and each simulated voter is a client whose votes are
+checked like a visitor's), rounds run the trainer subprocess, new adapters are hot-swapped.
+Before the first round and after each, the champion and ``base`` answer the held-out
+prompts, and the report records the oracle's mean reward of each, the champion's win-rate
+against ``base`` (ties and both-bad excluded and counted), and KL(champion ‖ base) per
+answer, estimated from the champion's samples as the mean of log π(y) − log π_base(y)
 computed with the model and the adapter. The held-out answers are sampled at temperature 1
 without top-p, so that they are samples of the policies themselves (the estimate is only
 unbiased for those); an answer cut at ``max_tokens`` is scored without an end of turn.
+It also records what the gate decided and which voters were flagged (:mod:`.report`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from prefloop.app.chat import ChatService
+from prefloop.app.guard import Client, Guard
 from prefloop.app.server import Runtime, make_sampler, start_runtime
 from prefloop.config import Settings
 from prefloop.serving.adapters import BASE
 from prefloop.serving.sampler import PairSampler, Sampling, Side
+from prefloop.sim.crowd import Voter, crowd_sizes, draw_voters, make_crowd, reading_seconds
 from prefloop.sim.oracles import Oracle
+from prefloop.sim.report import by_kind, gate_snapshot, write_report
 
 Messages = list[dict[str, str]]
 EXAMPLES = 2  # held-out prompts whose champion answers the report quotes, every round
@@ -47,6 +51,8 @@ class SimulationPlan:
     seed: int = 0
     concurrency: int = 4  # pairs asked for at once (vLLM batches them)
     base_samples: int = 4  # base's answers per held-out prompt, each compared with the champion's
+    voters: int = 8  # simulated voters, each its own client
+    noise: Mapping[str, float] = field(default_factory=dict)  # kind -> share of the voters
 
 
 def run_simulation(settings: Settings, plan: SimulationPlan, oracle: Oracle, report_dir: Path,
@@ -63,32 +69,44 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
                     report_dir: Path, progress: bool, log: Callable[[str], None]) -> dict:
     sampler = make_sampler(settings, runtime)
     measure = make_sampler(settings, runtime, Sampling(1.0, 1.0, settings.max_tokens))
-    service = ChatService(settings, runtime.store, sampler, runtime.loop)
+    # The voters are clients (their votes are stored, checked and flagged as theirs), but not
+    # visitors to hold to a rate: the concurrency of the plan is the only limit.
+    unlimited = dataclasses.replace(settings, pairs_per_minute=0, votes_per_minute=0,
+                                    ip_pairs_per_minute=0, client_generations=1024)
+    service = ChatService(settings, runtime.store, sampler, runtime.loop, Guard(unlimited))
+    crowd = make_crowd(oracle, dict(plan.noise), plan.voters, plan.seed)
     rng = random.Random(plan.seed)
+    voter_rng = random.Random(f"voters {plan.seed}")  # apart: same prompts as without a crowd
     total = plan.rounds * plan.pairs_per_round + (plan.rounds + 1) * len(plan.eval_prompts)
     bar = tqdm(total=total, desc="simulate", unit="pair", disable=not progress)
     report: dict[str, Any] = {
         "oracle": getattr(oracle, "name", repr(oracle)), "promote": settings.promote,
         "rounds_planned": plan.rounds, "pairs_per_round": plan.pairs_per_round,
         "eval_prompts": len(plan.eval_prompts), "base_samples": plan.base_samples,
-        "seed": plan.seed,
+        "seed": plan.seed, "noise": dict(plan.noise),
+        "voters": crowd_sizes(dict(plan.noise), plan.voters),
+        "crowd": [{"client_id": v.client_id, "kind": v.kind} for v in crowd],
         "data_dir": str(settings.data_dir), "points": []}
     try:
         start = time.monotonic()
         base_answers: list[list[Side]] = []
         point = await _measure(0, None, runtime, measure, oracle, plan, base_answers, bar)
         point["seconds"] = {"measure": round(time.monotonic() - start, 1)}
+        point.update(await asyncio.to_thread(gate_snapshot, runtime.store, crowd))
         report["points"].append(point)
         for number in range(1, plan.rounds + 1):
             start = time.monotonic()
-            votes = await _collect(service, oracle, plan, rng, bar)
+            votes = await _collect(service, plan, draw_voters(crowd, plan.pairs_per_round,
+                                                              voter_rng), rng, bar)
             collected = time.monotonic()
             round_id = await asyncio.to_thread(runtime.loop.run_round, "simulate")
             trained = time.monotonic()
             row = runtime.store.round(round_id) if round_id else None
             point = await _measure(number, row, runtime, measure, oracle, plan, base_answers,
                                    bar)
-            point["votes"] = dict(votes)
+            point["votes"] = dict(sum(votes.values(), Counter()))
+            point["votes_by_kind"] = {kind: dict(counts) for kind, counts in votes.items()}
+            point.update(await asyncio.to_thread(gate_snapshot, runtime.store, crowd))
             point["seconds"] = {"collect": round(collected - start, 1),
                                 "train": round(trained - collected, 1),
                                 "measure": round(time.monotonic() - trained, 1)}
@@ -103,25 +121,31 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
     return report
 
 
-async def _collect(service: ChatService, oracle: Oracle, plan: SimulationPlan,
-                   rng: random.Random, bar: tqdm) -> Counter:
-    """``pairs_per_round`` new single-turn pairs, each voted on by the oracle."""
-    votes: Counter = Counter()
+async def _collect(service: ChatService, plan: SimulationPlan, voters: Sequence[Voter],
+                   rng: random.Random, bar: tqdm) -> dict[str, Counter]:
+    """``pairs_per_round`` new single-turn pairs, one for each of ``voters``, each asked for
+    and voted on by its voter as a client; the votes by kind of voter."""
+    votes: dict[str, Counter] = {}
     gate = asyncio.Semaphore(plan.concurrency)
     jobs = [(rng.choice(plan.train_prompts), rng.randrange(2**30))
             for _ in range(plan.pairs_per_round)]
 
-    async def one(prompt: str, seed: int) -> None:
+    async def one(prompt: str, seed: int, voter: Voter) -> None:
+        client = Client(voter.client_id)
         async with gate:
-            turn = await service.turn(prompt, seed=seed)
+            turn = await service.turn(prompt, client=client, seed=seed)
         pair = service.store.pair(turn.pair_id)
-        choice = await asyncio.to_thread(oracle, pair["context"], pair["text_a"],
+        if voter.reads:  # outside the gate: other pairs are written meanwhile
+            await asyncio.sleep(reading_seconds(pair))
+        choice = await asyncio.to_thread(voter.vote, pair["context"], pair["text_a"],
                                          pair["text_b"])
-        service.vote(turn.pair_id, choice)
-        votes[choice] += 1
+        # The loop's after_vote runs the gate and the voter checks on this client.
+        await asyncio.to_thread(service.vote, turn.pair_id, choice, client=client)
+        votes.setdefault(voter.kind, Counter())[choice] += 1
         bar.update()
 
-    await asyncio.gather(*(one(prompt, seed) for prompt, seed in jobs))
+    await asyncio.gather(*(one(prompt, seed, voter)
+                           for (prompt, seed), voter in zip(jobs, voters, strict=True)))
     return votes
 
 
@@ -246,83 +270,4 @@ def _point_line(point: dict[str, Any]) -> str:
     return (f"round {point['round']}: {point['round_status']}, champion {point['champion']}, "
             f"reward {fmt(point['reward_champion'])} (base {fmt(point['reward_base'])}), "
             f"win-rate vs base {fmt(point['winrate_vs_base'], '.2f')}, "
-            f"KL {fmt(point['kl'])} nats")
-
-
-def _phases(seconds: dict[str, float]) -> str:
-    return " / ".join(f"{seconds[k]:.0f}" if k in seconds else "–"
-                      for k in ("collect", "train", "measure"))
-
-
-def write_report(report: dict[str, Any], folder: Path) -> None:
-    """report.json, report.md and the plots (reward per round, reward vs KL)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text(markdown(report))
-    plot(report, folder)
-
-
-def markdown(report: dict[str, Any]) -> str:
-    def fmt(value: Any, spec: str) -> str:
-        return "–" if value is None else format(value, spec)
-    lines = [f"# Simulation: oracle `{report['oracle']}`, promote `{report['promote']}`", "",
-             f"{report['pairs_per_round']} pairs per round, {report['eval_prompts']} held-out "
-             f"prompts, each champion answer compared with {report['base_samples']} of base's, "
-             f"seed {report['seed']}. Round 0 is before any training.", "",
-             "| round | round status | champion | reward (champion) | reward (base) "
-             "| win-rate vs base | W/L/ties/both bad | KL nats/answer | mean words "
-             "| seconds: collect / train / measure |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in report["points"]:
-        lines.append(
-            f"| {p['round']} | {p['round_status'] or '–'} | {p['champion']} "
-            f"| {fmt(p['reward_champion'], '.3f')} | {fmt(p['reward_base'], '.3f')} "
-            f"| {fmt(p['winrate_vs_base'], '.2f')} "
-            f"| {p['wins']}/{p['losses']}/{p['ties']}/{p['both_bad']} "
-            f"| {fmt(p['kl'], '.3f')} | {fmt(p['mean_words'], '.1f')} "
-            f"| {_phases(p.get('seconds', {}))} |")
-    lines += ["", "The champion's answers to the first held-out prompts:", "",
-              "| round | prompt | answer |", "|---|---|---|"]
-    for p in report["points"]:
-        for example in p.get("examples", []):
-            lines.append(f"| {p['round']} | {_cell(example['prompt'])} "
-                         f"| {_cell(example['answer'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    """Text as one markdown table cell: no line breaks, pipes escaped."""
-    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
-
-
-def plot(report: dict[str, Any], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [p for p in report["points"] if p["reward_champion"] is not None]
-    if not points:
-        return
-    rounds = [p["round"] for p in points]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [p["reward_champion"] for p in points], "o-", label="champion")
-    ax.plot(rounds, [p["reward_base"] for p in points], "s--", label="base")
-    ax.set(xlabel="round", ylabel=f"mean {report['oracle']} reward", xticks=rounds,
-           title="Reward on held-out prompts")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "reward.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    kls = [p["kl"] for p in points]
-    ax.plot(kls, [p["reward_champion"] for p in points], "o-")
-    for p in points:
-        ax.annotate(f"round {p['round']}", (p["kl"], p["reward_champion"]),
-                    textcoords="offset points", xytext=(4, 4))
-    ax.set(xlabel="KL(champion ‖ base), nats per answer",
-           ylabel=f"mean {report['oracle']} reward", title="Reward vs KL")
-    fig.tight_layout()
-    fig.savefig(folder / "reward_vs_kl.png", dpi=100)
-    plt.close(fig)
+            f"KL {fmt(point['kl'])} nats, flagged voters {by_kind(point['flagged_by_kind'])}")
