@@ -1,45 +1,53 @@
-"""Does the loop learn? ``prefloop simulate`` with a built-in oracle, timed, into the docs.
+"""Does the loop learn, and does its gate hold? ``prefloop simulate``, timed, into the docs.
 
-Runs ``prefloop simulate`` (its own vLLM, the embedded model, a fresh data folder) and writes
-its table, the time taken and the target check (issue 5) into docs/BENCHMARKS.md; the plots
-are copied to docs/sim/<oracle>/.
+Runs ``prefloop simulate`` (its own vLLM, the embedded model, a fresh data folder) once per
+seed and writes each run's report (measures, the gate's decisions, flagged voters, every
+candidate's fate), the time taken and the checks into docs/BENCHMARKS.md; the plots are
+copied to docs/sim/<section>/.
 
     .venv/bin/python bench/simulate.py --oracle sentiment      # target: win-rate >= 0.70
     .venv/bin/python bench/simulate.py --oracle concise        # target: win-rate >= 0.75
+    # issue 13: nothing to learn, three seeds; at most one of the candidates crowned
+    .venv/bin/python bench/simulate.py --oracle random --seeds 1 2 3 -- --promote duel
+    # issue 13: a crowd with random and side voters still promotes; the side voter flagged
+    .venv/bin/python bench/simulate.py --oracle sentiment -- --promote duel \\
+        --noise random:0.3,side:0.1
+
+Flags after ``--`` go to ``prefloop simulate`` as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"sentiment": 0.70, "concise": 0.75}
+# The held-out win-rate vs base a run without noise must reach (issue 5); None: no target.
+TARGETS: dict[str, float | None] = {"sentiment": 0.70, "concise": 0.75, "random": None}
+CROWNED_AT_MOST = 1  # of the random oracle's candidates over all seeds (issue 13: 5% rate)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--oracle", choices=sorted(TARGETS), required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pairs-per-round", type=int, default=64)
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("extra", nargs="*", help="more `prefloop simulate` flags (after --)")
-    args = parser.parse_args()
+def run(oracle: str, seed: int, args: argparse.Namespace, plots: Path,
+        prefix: str) -> tuple[dict, str, float]:
+    """One ``prefloop simulate`` run: its report, report.md and the minutes it took; its
+    plots go to ``plots`` with names starting ``prefix``."""
     with tempfile.TemporaryDirectory(prefix="prefloop-bench-sim-") as tmp:
         report_dir = Path(tmp) / "report"
         flags = [
-            "--oracle", args.oracle, "--rounds", str(args.rounds),
-            "--pairs-per-round", str(args.pairs_per_round), "--report", str(report_dir),
-            "--data-dir", str(Path(tmp) / "data"),
+            "--oracle", oracle, "--rounds", str(args.rounds),
+            "--pairs-per-round", str(args.pairs_per_round), "--seed", str(seed),
+            "--report", str(report_dir), "--data-dir", str(Path(tmp) / "data"),
             "--model", str(ROOT / ".cache" / "test" / "models" / "SmolLM2-135M-Instruct"),
             *args.extra]
         start = time.perf_counter()
@@ -47,31 +55,89 @@ def main() -> None:
                        cwd=ROOT)
         minutes = (time.perf_counter() - start) / 60
         report = json.loads((report_dir / "report.json").read_text())
-        table = (report_dir / "report.md").read_text().split("\n", 2)[2]
-        plots = ROOT / "docs" / "sim" / args.oracle
+        text = (report_dir / "report.md").read_text()
         if not args.dry_run:
-            plots.mkdir(parents=True, exist_ok=True)
             for name in ("reward.png", "reward_vs_kl.png"):
-                shutil.copy(report_dir / name, plots / name)
-    final = report["points"][-1]
-    winrate = final["winrate_vs_base"]
-    target = TARGETS[args.oracle]
-    ok = winrate is not None and winrate >= target
+                if (report_dir / name).exists():  # none without a reward (random)
+                    plots.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(report_dir / name, plots / f"{prefix}{name}")
+    return report, text, minutes
+
+
+def checks(oracle: str, reports: list[dict[str, Any]], minutes: list[float]) -> list[tuple]:
+    """(check, value, target, passed) rows for the runs of one invocation (passed None: shown,
+    not checked)."""
+    rows = []
+    noisy = any(r["noise"] for r in reports)
+    target = TARGETS[oracle]
+    for report in reports:
+        final = report["points"][-1]
+        seed = report["seed"]
+        winrate = final["winrate_vs_base"]
+        if target is not None and not noisy:
+            rows.append((f"seed {seed}: final champion's win-rate vs base (held out)",
+                         "n/a" if winrate is None else f"{winrate:.2f}", f">= {target:.2f}",
+                         winrate is not None and winrate >= target))
+        if noisy:
+            rows.append((f"seed {seed}: a candidate was promoted", final["champion"],
+                         "not base", final["champion"] != "base"))
+            for kind, count in final.get("flagged_by_kind", {}).items():
+                # Honest voters must not be flagged, biased and hasty ones must; a random
+                # voter is only caught against the consensus, given enough duel votes.
+                wanted = {"honest": 0, "side": count["voters"], "fast": count["voters"]}
+                rows.append((f"seed {seed}: {kind} voters flagged",
+                             f"{count['flagged']}/{count['voters']}",
+                             "" if kind not in wanted else "all" if wanted[kind] else "0",
+                             None if kind not in wanted else count["flagged"] == wanted[kind]))
+    if oracle == "random":
+        fates = [a for r in reports for a in r["points"][-1].get("adapters", [])]
+        crowned = sum(a["state"] in ("champion", "retired") for a in fates)
+        rows.append(("candidates ever crowned (a random oracle: none is better)",
+                     f"{crowned} of {len(fates)}", f"<= {CROWNED_AT_MOST}",
+                     crowned <= CROWNED_AT_MOST))
+    rows.append(("minutes per run", ", ".join(f"{m:.1f}" for m in minutes), "< 20",
+                 all(m < 20 for m in minutes)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--oracle", choices=sorted(TARGETS), required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs-per-round", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--dry-run", action="store_true", help="print, write nothing")
+    parser.add_argument("extra", nargs="*", help="more `prefloop simulate` flags (after --)")
+    args = parser.parse_args()
+    noise = next((args.extra[i + 1] for i, flag in enumerate(args.extra[:-1])
+                  if flag == "--noise"), None)
+    section = f"simulate-{args.oracle}" + (f"-noise-{re.sub(r'[^a-z0-9.]+', '-', noise)}"
+                                           if noise else "")
+    plots = ROOT / "docs" / "sim" / section.removeprefix("simulate-")
+    reports, texts, minutes = [], [], []
+    prefixes = {s: "" if len(args.seeds) == 1 else f"seed{s}-" for s in args.seeds}
+    for seed in args.seeds:
+        report, text, took = run(args.oracle, seed, args, plots, prefixes[seed])
+        reports.append(report)
+        minutes.append(took)
+        # The report's own title goes; its sections sit one level below this section's.
+        body = re.sub(r"(?m)^## ", "#### ", text.split("\n", 2)[2])
+        texts.append(f"### Seed {seed} ({took:.1f} minutes)\n\n{body}")
+    rows = checks(args.oracle, reports, minutes)
+    table = "| check | value | target | |\n|---|---|---|---|\n" + "".join(
+        f"| {name} | {value} | {target} | {'' if ok is None else '✅' if ok else '❌'} |\n"
+        for name, value, target, ok in rows)
+    figures = "".join(f"![reward, seed {s}](sim/{plots.name}/{p}reward.png) "
+                      f"![reward vs KL, seed {s}](sim/{plots.name}/{p}reward_vs_kl.png)\n"
+                      for s, p in prefixes.items() if (plots / f"{p}reward.png").exists())
     body = (f"## Simulation: `{args.oracle}` oracle, {args.rounds} rounds × "
-            f"{args.pairs_per_round} pairs (issue 5)\n\n"
-            f"`prefloop simulate` on this CPU, its own vLLM, the embedded model; took "
-            f"{minutes:.1f} minutes. Flags beyond the command: "
-            f"{' '.join(args.extra) or 'none'}.\n\n{table}\n"
-            f"| check | value | target | |\n|---|---|---|---|\n"
-            f"| final champion's win-rate vs base (held out) | "
-            f"{'n/a' if winrate is None else f'{winrate:.2f}'} | >= {target:.2f} | "
-            f"{'✅' if ok else '❌'} |\n| minutes | {minutes:.1f} | < 20 | "
-            f"{'✅' if minutes < 20 else '❌'} |\n\n"
-            f"![reward per round](sim/{args.oracle}/reward.png) "
-            f"![reward vs KL](sim/{args.oracle}/reward_vs_kl.png)\n")
+            f"{args.pairs_per_round} pairs, seeds {' '.join(map(str, args.seeds))}\n\n"
+            f"`prefloop simulate` on this CPU, its own vLLM, the embedded model; "
+            f"{sum(minutes):.1f} minutes in all. Flags beyond the command: "
+            f"{' '.join(args.extra) or 'none'}.\n\n{table}\n{figures}\n" + "\n".join(texts))
     print(body)
     if not args.dry_run:
-        write_section(f"simulate-{args.oracle}", body)
+        write_section(section, body)
 
 
 if __name__ == "__main__":
