@@ -84,3 +84,20 @@ def m003_adapters_rounds_loop(db: Database) -> None:
     # Small loop settings that must survive a restart: champion, paused.
     db["loop_state"].create({"key": str, "value": str}, pk="key")
     db["pairs"].create_index(["kind"])
+
+
+@migrations()
+def m004_client_flags(db: Database) -> None:
+    # Clients (cookie ids) whose votes look untrustworthy (loop/voters.py). Their votes stay
+    # stored but count neither for training nor for the gate while cleared_at is NULL.
+    db["client_flags"].create(
+        {"client_id": str,
+         "reasons": str,            # JSON list of sentences: what fired, with the numbers
+         "flagged_at": str, "cleared_at": str,
+         "cleared_by": str,         # who cleared it: "admin (API)", "admin (page)"
+         "cleared_through": int},   # the client's highest vote rowid when last cleared:
+        pk="client_id",             # a later review looks only at votes after it
+        not_null={"reasons", "flagged_at", "cleared_through"},
+        defaults={"cleared_through": 0},
+    )
+    db["votes"].create_index(["client_id"])

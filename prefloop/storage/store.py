@@ -25,6 +25,11 @@ from prefloop.storage.migrations import migrations
 CHOICES = ("a", "b", "tie", "both_bad", "written")
 """Vote choices. ``written`` carries the person's own answer in ``answer``."""
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
+FLAGGED = "select client_id from client_flags where cleared_at is null"
+"""Clients whose votes are held back (loop/voters.py) until an admin clears them."""
+COUNTED = f"(v.client_id is null or v.client_id not in ({FLAGGED}))"
+"""A vote (alias ``v``) that counts for training and the gate: not from a flagged client.
+Votes without a client id (imports, internal callers) always count."""
 
 
 class StoreError(Exception):
@@ -271,7 +276,8 @@ class Store:
 
     def _voted_pairs(self, where: str, params: list[Any]) -> Iterator[dict[str, Any]]:
         sql = ("select p.*, v.choice, v.answer, v.created_at as voted_at, "
-               "v.client_id as voter, v.rowid as vote_rowid "
+               "v.client_id as voter, v.rowid as vote_rowid, "
+               f"coalesce(v.client_id in ({FLAGGED}), 0) as flagged_client "
                "from pairs p join votes v on v.pair_id = p.id "
                f"where {where}")
         with self._lock:
@@ -281,23 +287,25 @@ class Store:
             yield row
 
     def trainable_pairs(self, after_vote: int = 0) -> Iterator[dict[str, Any]]:
-        """Voted pairs DPO can use (choice a, b or written) whose vote rowid > ``after_vote``."""
-        yield from self._voted_pairs("v.choice in ('a', 'b', 'written') and v.rowid > ?",
-                                     [after_vote])
+        """Voted pairs DPO can use (choice a, b or written) whose vote rowid > ``after_vote``,
+        from clients not flagged."""
+        yield from self._voted_pairs(
+            f"v.choice in ('a', 'b', 'written') and v.rowid > ? and {COUNTED}", [after_vote])
 
     def count_trainable(self, after_vote: int = 0) -> int:
         with self._lock:
             return self.db.execute(
-                "select count(*) from votes where choice in ('a', 'b', 'written') "
-                "and rowid > ?", [after_vote]).fetchone()[0]
+                "select count(*) from votes v where v.choice in ('a', 'b', 'written') "
+                f"and v.rowid > ? and {COUNTED}", [after_vote]).fetchone()[0]
 
     def duel_votes(self) -> list[dict[str, Any]]:
-        """Votes on pairs of two different policies, oldest first (for ratings)."""
+        """Votes on pairs of two different policies, oldest first (for ratings and the
+        gate), from clients not flagged."""
         with self._lock:
             return [dict(r) for r in self.db.query(
                 "select p.id as pair_id, p.policy_a, p.policy_b, v.choice, "
                 "v.created_at as voted_at from pairs p join votes v on v.pair_id = p.id "
-                "where p.kind = 'duel' order by v.rowid")]
+                f"where p.kind = 'duel' and {COUNTED} order by v.rowid")]
 
     def votes_by_choice(self) -> dict[str, int]:
         with self._lock:
@@ -318,6 +326,85 @@ class Store:
                 "select substr(created_at, 1, 13) as hour, count(*) as votes from votes "
                 "group by hour order by hour desc limit ?", [hours])
             return sorted((dict(r) for r in rows), key=lambda r: r["hour"])
+
+    # -- voter flags ----------------------------------------------------------------------
+
+    def client_votes(self, client_id: str, after_vote: int = 0) -> list[dict[str, Any]]:
+        """A client's votes with vote rowid > ``after_vote``, oldest first, with what the
+        voter review needs: choice, voted_at, the pair's kind, policies, created_at
+        (``pair_at``: both answers complete), timings and answer lengths in characters."""
+        with self._lock:
+            return [dict(r) for r in self.db.query(
+                "select v.rowid as vote_rowid, v.choice, v.created_at as voted_at, p.kind, "
+                "p.policy_a, p.policy_b, p.created_at as pair_at, p.first_token_ms, "
+                "p.total_ms, length(p.text_a) as chars_a, length(p.text_b) as chars_b "
+                "from votes v join pairs p on p.id = v.pair_id "
+                "where v.client_id = ? and v.rowid > ? order by v.rowid",
+                [client_id, after_vote])]
+
+    def duel_consensus(self, client_id: str) -> dict[tuple[str, str], tuple[int, int]]:
+        """For each policy pair (sorted) the client cast a decisive duel vote on: the decisive
+        votes of everyone else not flagged, as (wins of the first policy, of the second)."""
+        sql = f"""
+            with mine as (
+                select distinct min(p.policy_a, p.policy_b) as lo,
+                                max(p.policy_a, p.policy_b) as hi
+                from votes v join pairs p on p.id = v.pair_id
+                where v.client_id = ? and p.kind = 'duel' and v.choice in ('a', 'b'))
+            select m.lo, m.hi,
+                   sum((v.choice = 'a') = (p.policy_a = m.lo)) as lo_wins,
+                   sum((v.choice = 'a') != (p.policy_a = m.lo)) as hi_wins
+            from mine m
+            join pairs p on p.kind = 'duel' and ((p.policy_a = m.lo and p.policy_b = m.hi)
+                                                 or (p.policy_a = m.hi and p.policy_b = m.lo))
+            join votes v on v.pair_id = p.id
+            where v.choice in ('a', 'b') and (v.client_id is null or v.client_id != ?)
+              and {COUNTED}
+            group by m.lo, m.hi"""
+        with self._lock:
+            rows = self.db.execute(sql, [client_id, client_id]).fetchall()
+        return {(lo, hi): (lo_wins, hi_wins) for lo, hi, lo_wins, hi_wins in rows}
+
+    def client_flag(self, client_id: str) -> dict[str, Any] | None:
+        """The client's flag row (``cleared_at`` set: cleared), ``None`` if never flagged."""
+        with self._lock:
+            rows = list(self.db["client_flags"].rows_where("client_id = ?", [client_id]))
+        return _flag_row(rows[0]) if rows else None
+
+    def flag_client(self, client_id: str, reasons: list[str]) -> bool:
+        """Hold back the client's votes (from training and the gate) until an admin clears
+        it. Returns False, changing nothing, when the client is flagged already."""
+        assert client_id and reasons, "a flag needs a client id and a reason"
+        with self._write():
+            flag = self.client_flag(client_id)
+            if flag is not None and flag["cleared_at"] is None:
+                return False
+            self.db["client_flags"].upsert(
+                {"client_id": client_id, "reasons": json.dumps(reasons, ensure_ascii=False),
+                 "flagged_at": now(), "cleared_at": None, "cleared_by": None}, pk="client_id")
+        return True
+
+    def clear_client(self, client_id: str, by: str = "admin") -> None:
+        """Count the client's votes again. Its votes so far are never reviewed again: only
+        newer ones can flag it anew. :class:`NotFound` if it is not flagged."""
+        with self._write():
+            flag = self.client_flag(client_id)
+            if flag is None or flag["cleared_at"] is not None:
+                raise NotFound(f"client {client_id} is not flagged")
+            through = self.db.execute("select coalesce(max(rowid), 0) from votes "
+                                      "where client_id = ?", [client_id]).fetchone()[0]
+            self.db["client_flags"].update(client_id, {"cleared_at": now(), "cleared_by": by,
+                                                       "cleared_through": through})
+
+    def flagged_clients(self) -> list[dict[str, Any]]:
+        """Clients flagged now, oldest flag first: client_id, reasons (list), flagged_at and
+        votes (how many of its votes are held back)."""
+        with self._lock:
+            rows = self.db.query(
+                "select f.client_id, f.reasons, f.flagged_at, "
+                "(select count(*) from votes v where v.client_id = f.client_id) as votes "
+                "from client_flags f where f.cleared_at is null order by f.flagged_at")
+            return [_flag_row(r) for r in rows]
 
     # -- rounds ---------------------------------------------------------------------------
 
@@ -458,6 +545,10 @@ class Store:
         """Raise if the database cannot answer a trivial query."""
         with self._lock:
             self.db.execute("select 1").fetchone()
+
+
+def _flag_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "reasons": json.loads(row["reasons"])}
 
 
 def _round_row(row: dict[str, Any]) -> dict[str, Any]:
