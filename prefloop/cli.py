@@ -141,8 +141,9 @@ def status(settings: Settings, as_json: bool) -> None:
 @settings_options
 def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
                    with_client_ids: bool) -> None:
-    """Write the stored votes as preference pairs (ties and both-bad are left out)."""
-    from prefloop.storage.exchange import pair_preferences, to_hh, to_trl
+    """Write the stored votes as preference pairs (ties and both-bad are left out; pairs
+    voted by a flagged client are kept and marked "flagged_client": true)."""
+    from prefloop.storage.exchange import export_records
     from prefloop.storage.store import Store
 
     if since is not None:
@@ -154,18 +155,13 @@ def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
     if not settings.db_path.exists():
         raise click.ClickException(f"no database at {settings.db_path}; check --data-dir")
     store = Store(settings.db_path)
-    convert = to_trl if fmt == "trl" else to_hh
     tmp = out.with_name(f".{out.name}.tmp")
     count = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for row in store.voted_pairs(since):
-                for pref in pair_preferences(row):
-                    record = convert(pref)
-                    if with_client_ids:
-                        record["client_id"] = row["voter"]
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    count += 1
+            for record in export_records(store, fmt, since, with_client_ids):
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -2,8 +2,9 @@
 
 Export: a decisive vote (``a``/``b``) gives one pair; a written answer gives two, the written
 answer preferred over each answer shown. Ties and both-bad votes carry no preference and are
-left out. Import: each record becomes a conversation with one pair and its vote; a record
-seen before (same prompt, chosen and rejected) is skipped.
+left out; votes of a flagged client are exported, marked ``"flagged_client": true``.
+Import: each record becomes a conversation with one pair and its vote; a record seen before
+(same prompt, chosen and rejected) is skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def preferences(store: Store, since: str | None = None) -> Iterator[Preference]:
     """The stored votes as preferences, oldest vote first."""
     for row in store.voted_pairs(since):
         yield from pair_preferences(row)
+
+
+def export_records(store: Store, fmt: str, since: str | None = None,
+                   with_client_ids: bool = False) -> Iterator[dict]:
+    """The stored votes as ``fmt`` records, oldest vote first. A record from a client flagged
+    as an untrustworthy voter (loop/voters.py) carries ``"flagged_client": true``: it is
+    marked, never left out; ``client_id`` is added only when asked for."""
+    convert = {"trl": to_trl, "hh": to_hh}[fmt]
+    for row in store.voted_pairs(since):
+        for pref in pair_preferences(row):
+            record = convert(pref)
+            if with_client_ids:
+                record["client_id"] = row["voter"]
+            if row["flagged_client"]:
+                record["flagged_client"] = True
+            yield record
 
 
 def pair_preferences(row: dict) -> Iterator[Preference]:
