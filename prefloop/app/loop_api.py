@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from prefloop.app.chat import InputError
-from prefloop.app.guard import Guard
+from prefloop.app.guard import CLIENT_ID, Guard
 from prefloop.loop.controller import Loop, LoopError, check_policy_name
-from prefloop.storage.store import Conflict
+from prefloop.storage.store import Conflict, Store
 
 
 class PromoteRequest(BaseModel):
@@ -138,4 +138,30 @@ def loop_routers(loop: Loop, password: str | None,
         loop.resume()
         return {"paused": False}
 
+    client_flag_routes(admin, store)
     return [router, admin]
+
+
+def check_client_id(client_id: str) -> str:
+    """A client id as the ``prefloop_client`` cookie holds it (32 lowercase hex digits)."""
+    if not CLIENT_ID.fullmatch(client_id):
+        raise InputError("a client id is 32 lowercase hex digits (the prefloop_client "
+                         "cookie); take it from GET /api/v1/admin/clients/flagged")
+    return client_id
+
+
+def client_flag_routes(admin: APIRouter, store: Store) -> None:
+    """Admin routes for flagged voters (loop/voters.py): list them, clear one."""
+
+    @admin.get("/clients/flagged")
+    def flagged_clients() -> dict[str, Any]:
+        """Clients whose votes are held back from training and the promotion gate, with the
+        reasons and how many votes each has."""
+        return {"clients": store.flagged_clients()}
+
+    @admin.post("/clients/{client_id}/clear")
+    def clear_client(client_id: str) -> dict[str, Any]:
+        """Clear a flagged client: its votes count again, and only votes it casts from now
+        on can flag it again. 404 if it is not flagged."""
+        store.clear_client(check_client_id(client_id), by="admin (API)")
+        return {"client_id": client_id, "cleared": True}

@@ -16,11 +16,11 @@ import gradio as gr
 import pandas as pd
 from gradio.context import get_render_context
 
-from prefloop.app.guard import Guard
+from prefloop.app.guard import CLIENT_ID, Guard
 from prefloop.app.loop_api import password_matches, round_summary
 from prefloop.loop.controller import Loop, LoopError
 from prefloop.serving.adapters import BASE
-from prefloop.storage.store import StoreError
+from prefloop.storage.store import NotFound, StoreError
 
 TRAINING_TAB = "Training"
 ADMIN_TAB = "Admin"
@@ -40,6 +40,13 @@ LEADERBOARD_COLUMNS = ["policy", "state", "rating", "95% interval", "votes",
 ROUND_COLUMNS = ["id", "trigger", "status", "started", "ended", "pairs", "new pairs",
                  "adapter", "final loss", "held-out accuracy after", "error"]
 ACTIONS = ("start_round", "pause", "resume", "promote")
+FLAGGED_COLUMNS = ["client", "flagged at", "votes held back", "reasons"]
+FLAGGED_HELP = ("**Flagged voters.** A client (browser cookie) whose votes look untrustworthy "
+                "(one side chosen far beyond chance, votes faster than the answers can be "
+                "read, or duels judged against everyone else) is flagged: its votes stay "
+                "stored but count neither for training nor for promotion. **Clear** one to "
+                "count its votes again; only votes it casts afterwards can flag it again. "
+                "Client ids are shown only with the admin password.")
 # UI events stay out of the Gradio API: the JSON API under /api/v1 is the one to script.
 QUIET: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden"}
 
@@ -64,6 +71,19 @@ class LeaderboardView:
         shown = not self.table.empty
         return (self.note, gr.update(value=self.table, visible=shown),
                 gr.update(value=self.over_time, visible=shown))
+
+
+@dataclass
+class FlaggedView:
+    """Values for the Admin tab's flagged voters: a message, the table, the client ids."""
+
+    message: str
+    table: pd.DataFrame  # FLAGGED_COLUMNS
+    clients: list[str]
+
+    def updates(self) -> tuple[Any, ...]:
+        return (self.message, gr.update(value=self.table, visible=not self.table.empty),
+                gr.update(choices=self.clients, value=None))
 
 
 @dataclass
@@ -168,10 +188,9 @@ class LoopHandlers:
         return [(base, BASE)] + [(f"{a['name']} ({a['state']})", a["name"])
                                  for a in self.loop.store.adapters()]
 
-    def admin_action(self, action: str, password: str | None, policy: str | None = None,
-                     host: str | None = None) -> str:
-        """Do ``action`` (one of :data:`ACTIONS`) if ``password`` is right; say what
-        happened. ``host``: the address it came from, for the wrong-password limit."""
+    def admin_refusal(self, password: str | None, host: str | None) -> str | None:
+        """Why an admin request with ``password`` from ``host`` is refused (None: it is not);
+        a wrong password counts towards the address's limit."""
         if not self.admin_password:
             return "⚠️ Admin is disabled."
         if self.guard is not None and (wait := self.guard.admin_blocked(host)) is not None:
@@ -180,6 +199,14 @@ class LoopHandlers:
             if self.guard is not None:
                 self.guard.admin_missed(host)
             return WRONG_PASSWORD
+        return None
+
+    def admin_action(self, action: str, password: str | None, policy: str | None = None,
+                     host: str | None = None) -> str:
+        """Do ``action`` (one of :data:`ACTIONS`) if ``password`` is right; say what
+        happened. ``host``: the address it came from, for the wrong-password limit."""
+        if (refusal := self.admin_refusal(password, host)) is not None:
+            return refusal
         try:
             if action == "start_round":
                 round_id = self.loop.start_round("admin")
@@ -202,6 +229,39 @@ class LoopHandlers:
             return f"⚠️ {exc}"
         raise ValueError(f"unknown admin action {action!r}: expected one of "
                          f"{', '.join(ACTIONS)}")
+
+    def flagged_view(self, password: str | None, host: str | None = None) -> FlaggedView:
+        """The flagged clients, if ``password`` is right (client ids are cookies: never shown
+        without it)."""
+        if (refusal := self.admin_refusal(password, host)) is not None:
+            return FlaggedView(refusal, pd.DataFrame(columns=FLAGGED_COLUMNS), [])
+        return self._flagged("")
+
+    def _flagged(self, done: str) -> FlaggedView:
+        """The flagged clients, after ``done`` (what an action just did)."""
+        flagged = self.loop.store.flagged_clients()
+        table = pd.DataFrame([{"client": f["client_id"], "flagged at": _time(f["flagged_at"]),
+                               "votes held back": f["votes"], "reasons": "\n".join(f["reasons"])}
+                              for f in flagged], columns=FLAGGED_COLUMNS, dtype=object)
+        count = (f"{len(flagged)} client{'s' if len(flagged) != 1 else ''} flagged."
+                 if flagged else "No client is flagged.")
+        return FlaggedView(f"{done} {count}".strip(), table, [f["client_id"] for f in flagged])
+
+    def clear_flag(self, password: str | None, client_id: str | None,
+                   host: str | None = None) -> FlaggedView:
+        """Clear a flagged client (its votes count again) if ``password`` is right."""
+        if (refusal := self.admin_refusal(password, host)) is not None:
+            return FlaggedView(refusal, pd.DataFrame(columns=FLAGGED_COLUMNS), [])
+        client_id = (client_id or "").strip()
+        if not CLIENT_ID.fullmatch(client_id):
+            done = "⚠️ Choose a flagged client (32 hex digits) to clear."
+        else:
+            try:
+                self.loop.store.clear_client(client_id, by="admin (page)")
+                done = f"✅ Cleared {client_id}: its votes count again."
+            except NotFound as exc:
+                done = f"⚠️ {exc}."
+        return self._flagged(done)
 
     def admin_state(self) -> str:
         store = self.loop.store
@@ -337,6 +397,7 @@ def _build_admin(handlers: LoopHandlers) -> dict[str, Any] | None:
                              elem_id="admin-policy", scale=3)
         promote = gr.Button("Make champion", elem_id="admin-promote", scale=1)
     result = gr.Markdown("", elem_id="admin-result")
+    _build_flagged(handlers, password)
 
     def refresh() -> tuple[str, Any]:
         return handlers.admin_state(), gr.update(choices=handlers.policy_choices())
@@ -348,6 +409,35 @@ def _build_admin(handlers: LoopHandlers) -> dict[str, Any] | None:
         button.click(admin_click(handlers, action), [password, policy], result,
                      api_visibility="private").then(**event)
     return event
+
+
+def _build_flagged(handlers: LoopHandlers, password: gr.Textbox) -> None:
+    """Flagged voters in the Admin tab: listed and cleared with the admin password."""
+    gr.Markdown(FLAGGED_HELP)
+    with gr.Row():
+        show = gr.Button("Show flagged voters", elem_id="admin-show-flagged", scale=1)
+        client = gr.Dropdown([], value=None, label="Flagged client", scale=3,
+                             elem_id="admin-flagged-client")
+        clear = gr.Button("Clear flag", elem_id="admin-clear-flag", scale=1)
+    message = gr.Markdown("", elem_id="admin-flagged-result")
+    table = gr.Dataframe(pd.DataFrame(columns=FLAGGED_COLUMNS), elem_id="admin-flagged",
+                         interactive=False, visible=False, show_label=False, wrap=True)
+
+    def on_show(given: str | None, request: gr.Request) -> tuple[Any, ...]:
+        return handlers.flagged_view(given, _host(request)).updates()
+
+    def on_clear(given: str | None, chosen: str | None,
+                 request: gr.Request) -> tuple[Any, ...]:
+        return handlers.clear_flag(given, chosen, _host(request)).updates()
+
+    # The password travels with each click only, as for the other admin actions.
+    show.click(on_show, [password], [message, table, client], api_visibility="private")
+    clear.click(on_clear, [password, client], [message, table, client],
+                api_visibility="private")
+
+
+def _host(request: gr.Request | None) -> str | None:
+    return request.client.host if request is not None and request.client else None
 
 
 def admin_click(handlers: LoopHandlers, action: str) -> Callable[..., str]:
