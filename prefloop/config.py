@@ -107,12 +107,19 @@ class Settings:
     promote: str = _setting("duel", "duel: promote a candidate that wins its duels; immediate: "
                                     "every new adapter becomes champion.",
                             choices=("duel", "immediate"))
-    promote_min_votes: int = _setting(20, "Duel votes a candidate needs before promotion.",
-                                      lo=1, hi=1_000_000)
-    promote_winrate: float = _setting(0.55, "Win-rate against the champion needed to promote "
-                                            "(ties count half).", lo=0.0, hi=1.0)
-    max_duel_votes: int = _setting(60, "Duel votes after which a candidate that has not won "
-                                       "is rejected.", lo=1, hi=1_000_000)
+    promote_false_rate: float = _setting(
+        0.05, "Chance that the promotion test crowns a candidate no better than the "
+              "champion (and that a champion no worse than base is rolled back).",
+        lo=0.001, hi=0.3)
+    promote_effect: float = _setting(
+        0.65, "The candidate's win-rate over decisive duel votes that the test should find "
+              "(the smallest improvement worth a promotion).", lo=0.51, hi=0.95)
+    promote_miss_rate: float = _setting(
+        0.2, "Chance that the test misses a candidate as good as promote_effect.",
+        lo=0.01, hi=0.49)
+    max_duel_votes: int = _setting(150, "Duel votes (ties included) a candidate may take; "
+                                        "one not shown better by then is not promoted.",
+                                   lo=1, hi=1_000_000)
     train_lr: float = _setting(1e-4, "Learning rate of a round.", lo=1e-8, hi=1.0)
     train_beta: float = _setting(0.1, "DPO beta of a round.", lo=1e-4, hi=100.0)
     train_epochs: int = _setting(2, "Passes over a round's pairs.", lo=1, hi=100)
@@ -142,9 +149,6 @@ class Settings:
         if self.duel_share + self.baseline_share > 1:
             raise ConfigError(f"duel_share ({self.duel_share}) + baseline_share "
                               f"({self.baseline_share}) must be at most 1")
-        if self.max_duel_votes < self.promote_min_votes:
-            raise ConfigError(f"max_duel_votes ({self.max_duel_votes}) must be at least "
-                              f"promote_min_votes ({self.promote_min_votes})")
         if self.lora_max_rank not in LORA_RANKS:
             raise ConfigError(f"lora_max_rank: must be one of {', '.join(map(str, LORA_RANKS))} "
                               f"(vLLM's allowed ranks), got {self.lora_max_rank}")
@@ -171,6 +175,18 @@ class Settings:
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+REMOVED = {
+    "promote_min_votes": "the promotion test has no minimum: set max_duel_votes (the most "
+                         "duel votes to spend) and promote_false_rate",
+    "promote_winrate": "the promotion test asks for promote_effect (the win-rate worth "
+                       "finding, e.g. 0.65) and promote_false_rate (e.g. 0.05)",
+}
+"""Settings that no longer exist, with what replaced them (the error names both)."""
+
+
+def _removed(key: str, where: str) -> ConfigError:
+    return ConfigError(f"{where}: {key} was removed: {REMOVED[key]}")
 
 
 ADMIN_PASSWORD_ENV = ENV_PREFIX + "ADMIN_PASSWORD"
@@ -298,6 +314,8 @@ def load_settings(config_file: Path | None = None, env: Mapping[str, str] | None
         config_file = Path(DEFAULT_CONFIG_FILE)
     if config_file is not None:
         for key, value in read_toml(Path(config_file)).items():
+            if key in REMOVED:
+                raise _removed(key, str(config_file))
             if key not in fields:
                 raise ConfigError(f"{config_file}: unknown setting {key!r}; known settings: "
                                   + ", ".join(fields))
@@ -308,6 +326,8 @@ def load_settings(config_file: Path | None = None, env: Mapping[str, str] | None
     for var, text in env.items():
         if not var.startswith(ENV_PREFIX):
             continue
+        if var[len(ENV_PREFIX):].lower() in REMOVED:
+            raise _removed(var[len(ENV_PREFIX):].lower(), var)
         if var not in known_env:
             raise ConfigError(f"unknown environment variable {var}; known: "
                               + ", ".join(sorted(known_env)))
@@ -316,6 +336,8 @@ def load_settings(config_file: Path | None = None, env: Mapping[str, str] | None
             values[name] = _parse_text(fields[name], text, var)
 
     for key, value in (overrides or {}).items():
+        if key in REMOVED:
+            raise _removed(key, "--" + key.replace("_", "-"))
         if key not in fields:
             raise ConfigError(f"unknown setting {key!r}")
         if value is None:

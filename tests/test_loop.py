@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from prefloop.app.chat import ChatService
+from prefloop.app.loop_api import round_summaries
+from prefloop.app.loop_tabs import LoopHandlers
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop, LoopError
 from prefloop.serving.adapters import AdapterPool
@@ -45,7 +47,7 @@ class LoopRig:
         settings = {"data_dir": data_dir, "min_new_pairs": 8, "train_lr": 5e-4,
                     "train_epochs": 2, "trainer_threads": 1, "max_tokens": 16,
                     "adapter_prefix": f"t{next(_prefixes)}", "rating_resamples": 20,
-                    "promote_min_votes": 3, "max_duel_votes": 6} | overrides
+                    } | overrides
         self.settings = Settings(**settings)
         self.store = Store(self.settings.db_path)
         self.pool = AdapterPool(vllm_server.endpoint, model, self.settings.lora_max_rank,
@@ -139,40 +141,98 @@ def test_votes_train_a_candidate_that_answers_in_duels(trained: LoopRig) -> None
     assert {revealed["policy_a"], revealed["policy_b"]} == {"v0001", "base"}
 
 
+# The promotion test with its defaults (false rate 0.05, effect 0.65, miss rate 0.2): a win
+# adds log(1.3) = 0.262 to the log-likelihood ratio, a loss log(0.7) = -0.357; it promotes at
+# +2.677 (calibrated; 11 straight wins: 10 give 2.62) and rejects at log(0.2/0.95) = -1.558
+# (5 straight losses: 4 give -1.43). Ties count against the budget only.
+
+
 def test_duel_votes_promote_the_candidate(rig: LoopRig) -> None:
     fake_adapter(rig, "v0001")
-    results = [duel(rig, "v0001", "base", "a"), duel(rig, "base", "v0001", "b")]
-    assert [r["decision"] for r in results] == [None, None]  # 2 votes < promote_min_votes
-    assert duel(rig, "v0001", "base", "tie")["decision"] == "promote"  # 2.5 / 3 >= 0.55
+    results = [duel(rig, *(("v0001", "base", "a") if k % 2 else ("base", "v0001", "b")))
+               for k in range(10)]
+    assert [r["decision"] for r in results] == [None] * 10  # 10 wins: LLR 2.62 < 2.68
+    assert duel(rig, "v0001", "base", "tie")["decision"] is None  # no evidence either way
+    assert duel(rig, "v0001", "base", "a")["decision"] == "promote"
     assert rig.store.champion() == "v0001"
     assert rig.store.adapter("v0001")["state"] == "champion"
-    assert "won its duels" in rig.store.adapter("v0001")["reason"]
+    reason = rig.store.adapter("v0001")["reason"]
+    assert "won its duels" in reason and "11 wins, 0 losses, 1 ties" in reason
     assert rig.store.candidate() is None
 
 
-def test_a_losing_candidate_is_rejected_once_it_cannot_win(rig: LoopRig) -> None:
+def test_a_losing_candidate_is_rejected(rig: LoopRig) -> None:
     fake_adapter(rig, "v0001")
-    # max_duel_votes 6, win-rate 0.55 needs 3.3 of 6: after 3 losses, 3 wins give only 3.
-    decisions = [duel(rig, "v0001", "base", "b")["decision"] for _ in range(3)]
-    assert decisions == [None, None, "reject"]
+    decisions = [duel(rig, "v0001", "base", "b")["decision"] for _ in range(5)]
+    assert decisions == [None, None, None, None, "reject"]
     assert rig.store.adapter("v0001")["state"] == "rejected"
-    assert "lost its duels" in rig.store.adapter("v0001")["reason"]
+    assert "no better" in rig.store.adapter("v0001")["reason"]
     assert rig.store.champion() == "base"
+
+
+def test_a_candidate_not_shown_better_within_the_budget_is_not_promoted(
+        tmp_path: Path, vllm_server, embedded_model: Path) -> None:
+    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model, max_duel_votes=6)
+    try:
+        fake_adapter(rig, "v0001")
+        decisions = [duel(rig, "v0001", "base", c)["decision"]
+                     for c in ("a", "b", "tie", "both_bad", "a", "tie")]
+        assert decisions == [None] * 5 + ["exhausted"]
+        adapter = rig.store.adapter("v0001")
+        assert adapter["state"] == "rejected" and "vote budget" in adapter["reason"]
+        assert rig.store.champion() == "base"
+    finally:
+        rig.close()
 
 
 def test_only_duels_against_the_champion_count(rig: LoopRig) -> None:
     fake_adapter(rig, "v0001")
     fake_adapter(rig, "v0002")
     rig.store.crown("v0001", "test")
-    rig.store.set_adapter_state("v0001", "champion")
     rig.store.set_adapter_state("v0002", "candidate")
-    for _ in range(3):  # wins over base say nothing about the champion
+    for _ in range(12):  # wins over base say nothing about the champion
         assert duel(rig, "v0002", "base", "a")["decision"] is None
     assert rig.store.candidate() == "v0002"
-    assert [duel(rig, "v0001", "v0002", "b")["decision"] for _ in range(3)] == \
-        [None, None, "promote"]
+    assert [duel(rig, "v0001", "v0002", "b")["decision"] for _ in range(11)] == \
+        [None] * 10 + ["promote"]
     assert rig.store.champion() == "v0002"
     assert rig.store.adapter("v0001")["state"] == "retired"
+
+
+def test_a_champion_that_loses_to_base_is_rolled_back(rig: LoopRig) -> None:
+    fake_adapter(rig, "v0001")
+    rig.store.crown("v0001", "test")
+    # Duels against base before the crowning are not the champion's record since.
+    decisions = [duel(rig, "base", "v0001", "a")["decision"] for _ in range(10)]
+    assert decisions == [None] * 10 and rig.store.champion() == "v0001"
+    assert duel(rig, "v0001", "base", "b")["decision"] == "rollback"  # base's 11th win
+    assert rig.store.champion() == "base"
+    adapter = rig.store.adapter("v0001")
+    assert adapter["state"] == "rolled_back"
+    assert adapter["reason"].startswith("rolled back to base: lost its duels against base")
+    assert "base vs v0001: 11 wins, 0 losses" in adapter["reason"]
+
+
+def test_a_champion_that_holds_against_base_stays(rig: LoopRig) -> None:
+    fake_adapter(rig, "v0001")
+    rig.store.crown("v0001", "test")
+    for choice in ["a", "b"] * 20:  # even: the rollback test settles on "not worse"
+        assert duel(rig, "v0001", "base", choice)["decision"] is None
+    assert rig.store.champion() == "v0001"
+
+
+def test_rollback_skips_an_earlier_champion_that_cannot_be_served(rig: LoopRig) -> None:
+    fake_adapter(rig, "v0001")  # an empty folder: vLLM would refuse it
+    fake_adapter(rig, "v0002")
+    rig.store.crown("v0001", "test")
+    for _ in range(11):  # v0001 beats base: rated above it
+        duel(rig, "v0001", "base", "a")
+    rig.store.crown("v0002", "test")
+    assert rig.loop.best_earlier_policy("v0002") == "v0001"
+    for _ in range(11):
+        decision = duel(rig, "base", "v0002", "a")["decision"]
+    assert decision == "rollback" and rig.store.champion() == "base"
+    assert "v0001, rated higher, could not be loaded" in rig.store.adapter("v0002")["reason"]
 
 
 def test_rollback_to_base_and_to_an_earlier_adapter(trained: LoopRig) -> None:
@@ -195,6 +255,33 @@ def test_rollback_to_base_and_to_an_earlier_adapter(trained: LoopRig) -> None:
             loop.promote(bad)
     with pytest.raises(NotFound):
         loop.promote("v0099")
+
+
+def test_a_champion_that_loses_to_base_is_rolled_back_while_serving(trained: LoopRig) -> None:
+    """No admin action: base's wins in the baseline duels roll the real adapter back, and
+    every turn before, during and after is answered."""
+    loop, store = trained.loop, trained.store
+    loop.promote("v0001")
+    decisions = []
+    for k in range(11):
+        turn = trained.turn(f"How do I {TOPICS[k]}?")
+        pair = store.pair(turn.pair_id)
+        assert pair["text_a"].strip() and pair["text_b"].strip()
+        assert trained.service.vote(turn.pair_id, "tie")["decision"] is None
+        decisions.append(duel(trained, "base", "v0001", "a")["decision"])
+    assert decisions == [None] * 10 + ["rollback"]
+    assert store.champion() == "base" and store.adapter("v0001")["state"] == "rolled_back"
+    turn = trained.turn("How do I brew tea?")
+    pair = store.pair(turn.pair_id)
+    assert (pair["policy_a"], pair["policy_b"]) == ("base", "base") and pair["text_a"].strip()
+    assert store.adapter("v0001")["reason"].startswith("rolled back to base: lost its duels")
+    # Shown in the rounds API and the Training tab's rounds table.
+    [summary] = [r for r in round_summaries(store, 10) if r["adapter"] == "v0001"]
+    assert summary["adapter_state"] == "rolled_back"
+    assert summary["adapter_reason"].startswith("rolled back to base")
+    table = LoopHandlers(loop, None).training_view().rounds
+    row = table[table["adapter"] == "v0001"].iloc[0]
+    assert row["adapter state"] == "rolled_back" and "lost its duels" in row["decision"]
 
 
 def test_promote_immediate_makes_each_new_adapter_champion(tmp_path: Path, vllm_server,

@@ -168,7 +168,7 @@ class ChatService:
         decision = None
         if self.loop is not None:
             try:
-                decision = self.loop.after_vote(pair)
+                decision = self.loop.after_vote(pair, client and client.id)
             except Exception:  # the vote is stored; a promotion check must not undo that
                 log.exception("promotion check after the vote on %s failed", pair_id)
         # The policies behind the answers, revealed now that the vote is in.

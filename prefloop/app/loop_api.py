@@ -63,12 +63,22 @@ def _check_password(request: Request, password: str) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def round_summary(row: dict[str, Any]) -> dict[str, Any]:
-    """A round without the per-step detail of its metrics (kept: losses per step)."""
+def round_summaries(store: Store, limit: int) -> list[dict[str, Any]]:
+    """The latest rounds, newest first, each with what became of its adapter."""
+    adapters = {a["name"]: a for a in store.adapters()}
+    return [round_summary(r, adapters.get(r["adapter"])) for r in store.rounds(limit)]
+
+
+def round_summary(row: dict[str, Any], adapter: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A round without the per-step detail of its metrics (kept: losses per step), and its
+    adapter's state and the reason for it (promoted, rejected, rolled back: the gate's
+    evidence)."""
     metrics = row.get("metrics") or {}
     steps = metrics.get("steps") or []
     return {key: row[key] for key in ("id", "trigger", "status", "started_at", "ended_at",
                                       "pairs", "new_pairs", "parent", "adapter", "error")} | {
+        "adapter_state": adapter["state"] if adapter else None,
+        "adapter_reason": adapter["reason"] if adapter else None,
         "progress": row.get("progress") or None,
         "losses": [step["loss"] for step in steps],
         "held_out": metrics.get("held_out"),
@@ -92,7 +102,7 @@ def loop_routers(loop: Loop, password: str | None,
     @router.get("/rounds")
     def rounds(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
         """The latest training rounds, newest first."""
-        return {"rounds": [round_summary(r) for r in store.rounds(limit)]}
+        return {"rounds": round_summaries(store, limit)}
 
     @router.get("/leaderboard")
     def leaderboard() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pandas as pd
 from gradio.context import get_render_context
 
 from prefloop.app.guard import CLIENT_ID, Guard
-from prefloop.app.loop_api import password_matches, round_summary
+from prefloop.app.loop_api import password_matches, round_summaries
 from prefloop.loop.controller import Loop, LoopError
 from prefloop.serving.adapters import BASE
 from prefloop.storage.store import NotFound, StoreError
@@ -38,7 +38,8 @@ ADMIN_HELP = ("**Make champion** serves the chosen policy for new turns at once.
 LEADERBOARD_COLUMNS = ["policy", "state", "rating", "95% interval", "votes",
                        "win-rate vs base", "votes vs base"]
 ROUND_COLUMNS = ["id", "trigger", "status", "started", "ended", "pairs", "new pairs",
-                 "adapter", "final loss", "held-out accuracy after", "error"]
+                 "adapter", "adapter state", "final loss", "held-out accuracy after", "error",
+                 "decision"]
 ACTIONS = ("start_round", "pause", "resume", "promote")
 FLAGGED_COLUMNS = ["client", "flagged at", "votes held back", "reasons"]
 FLAGGED_HELP = ("**Flagged voters.** A client (browser cookie) whose votes look untrustworthy "
@@ -132,7 +133,7 @@ class LoopHandlers:
     # -- training ---------------------------------------------------------------------------
 
     def training_view(self) -> TrainingView:
-        rounds = [round_summary(r) for r in self.loop.store.rounds(50)]  # newest first
+        rounds = round_summaries(self.loop.store, 50)  # newest first
         finished = [r for r in reversed(rounds) if r["status"] == "succeeded"]
         return TrainingView(
             status=self.status_text(),
@@ -286,8 +287,10 @@ def _round_row(r: dict[str, Any]) -> dict[str, Any]:
     row = {"id": r["id"], "trigger": r["trigger"], "status": r["status"],
            "started": _time(r["started_at"]), "ended": _time(r["ended_at"]),
            "pairs": r["pairs"], "new pairs": r["new_pairs"], "adapter": r["adapter"],
+           "adapter state": r["adapter_state"],
            "final loss": round(r["losses"][-1], 3) if r["losses"] else None,
-           "held-out accuracy after": _rounded(after.get("accuracy")), "error": r["error"]}
+           "held-out accuracy after": _rounded(after.get("accuracy")), "error": r["error"],
+           "decision": r["adapter_reason"]}
     return {key: "" if value is None else value for key, value in row.items()}
 
 

@@ -8,6 +8,7 @@ worker thread (the trainer itself is a subprocess), one at a time.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import threading
@@ -19,7 +20,8 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from prefloop.config import Settings
-from prefloop.loop.duels import TurnPlan, duel_record, plan_turn, verdict
+from prefloop.loop.duels import TurnPlan, plan_turn
+from prefloop.loop.gate import GateConfig, Outcome, decide, tally
 from prefloop.loop.ratings import Duel, duel_score, fit_bradley_terry, leaderboard
 from prefloop.loop.rounds import (
     TRAINER,
@@ -29,6 +31,7 @@ from prefloop.loop.rounds import (
     run_trainer,
     snapshot_pairs,
 )
+from prefloop.loop.voters import review_client
 from prefloop.serving.adapters import BASE, AdapterError, AdapterPool, ServerUnreachable
 from prefloop.storage.store import Conflict, NotFound, Store
 
@@ -125,29 +128,78 @@ class Loop:
         return plan_turn(champion, candidate, self.settings.duel_share,
                          self.settings.baseline_share, self._rng)
 
-    def after_vote(self, pair: dict[str, Any]) -> str | None:
-        """Called once a vote on ``pair`` is stored: decide the candidate's fate if it was
-        its duel. Returns ``promote``/``reject`` when that happened."""
-        candidate = self.store.candidate()
-        if pair.get("kind") != "duel" or candidate is None \
-                or candidate not in (pair["policy_a"], pair["policy_b"]):
+    def after_vote(self, pair: dict[str, Any], client_id: str | None = None) -> str | None:
+        """Called once a vote on ``pair`` is stored: review the voter, then run the
+        promotion test if the pair was the candidate's duel with the champion, or the
+        rollback test if it was the champion's duel with ``base``. Returns ``promote``,
+        ``reject``, ``exhausted`` or ``rollback`` when that happened."""
+        if client_id is not None:
+            review_client(self.store, client_id)
+        if pair.get("kind") != "duel":
             return None
+        sides = {pair["policy_a"], pair["policy_b"]}
         with self._decide_lock:
-            if self.store.candidate() != candidate:
-                return None  # decided meanwhile
-            champion = self.store.champion()
-            record = duel_record(self.store.duel_votes(), candidate, champion)
-            decision = verdict(record, self.settings.promote_min_votes,
-                               self.settings.promote_winrate, self.settings.max_duel_votes)
-            summary = (f"win-rate {record.winrate:.2f} over {record.votes} duel votes "
-                       f"against {champion}") if record.votes else ""
-            if decision == "promote":
-                self.store.crown(candidate, f"won its duels: {summary}")
-                log.info("promoted %s (%s)", candidate, summary)
-            elif decision == "reject":
-                self.store.set_adapter_state(candidate, "rejected", f"lost its duels: {summary}")
-                log.info("rejected %s (%s)", candidate, summary)
-        return decision if decision != "wait" else None
+            champion, candidate = self.store.champion(), self.store.candidate()
+            if candidate is not None and sides == {candidate, champion}:
+                return self._judge_candidate(candidate, champion)
+            if champion != BASE and sides == {champion, BASE}:
+                return self._guard_champion(champion)
+        return None
+
+    @property
+    def gate(self) -> GateConfig:
+        s = self.settings
+        return GateConfig(s.promote_false_rate, s.promote_effect, s.promote_miss_rate,
+                          s.max_duel_votes)
+
+    def _judge_candidate(self, candidate: str, champion: str) -> str | None:
+        """The promotion test on the candidate's duels with the current champion."""
+        since = self.store.adapter(candidate)["created_at"]
+        votes = self.store.duel_votes(between=(candidate, champion), since=since)
+        decision = decide(tally(votes, candidate, champion), self.gate)
+        summary = decision.summary(candidate, champion)
+        if decision.outcome == Outcome.PROMOTE:
+            self.store.crown(candidate, f"won its duels: {summary}")
+        elif decision.outcome == Outcome.REJECT:
+            self.store.set_adapter_state(candidate, "rejected", f"no better: {summary}")
+        elif decision.outcome == Outcome.EXHAUSTED:
+            self.store.set_adapter_state(candidate, "rejected",
+                                         f"not shown better within the vote budget: {summary}")
+        else:
+            return None
+        log.info("%s %s (%s)", decision.outcome, candidate, summary)
+        return str(decision.outcome)
+
+    def _guard_champion(self, champion: str) -> str | None:
+        """The rollback test: ``base`` challenges the champion over their duels since it was
+        crowned; a champion found worse gives way to the best earlier policy."""
+        votes = self.store.duel_votes(between=(champion, BASE),
+                                      since=self.store.champion_since())
+        decision = decide(tally(votes, BASE, champion), self.gate)
+        if decision.outcome != Outcome.PROMOTE:
+            return None  # not worse (or not yet known): the champion stays
+        successor, note = self.best_earlier_policy(champion), ""
+        if successor != BASE:
+            try:
+                self.pool.load(successor, Path(self.store.adapter(successor)["path"]))
+            except AdapterError as exc:
+                log.error("%s cannot be served (%s); rolling back to base", successor, exc)
+                successor, note = BASE, f" ({successor}, rated higher, could not be loaded)"
+        reason = (f"rolled back to {successor}{note}: lost its duels against base: "
+                  f"{decision.summary(BASE, champion)}")
+        self.store.crown(successor, reason, old_state="rolled_back")
+        log.warning("champion %s %s", champion, reason)
+        return "rollback"
+
+    def best_earlier_policy(self, champion: str) -> str:
+        """``base`` or an earlier champion (never rolled back), whichever rates highest over
+        all duel votes; ``base`` when no earlier champion rates above it."""
+        earlier = {a["name"] for a in self.store.adapters()
+                   if a["state"] == "retired" and a["name"] != champion}
+        if not earlier:
+            return BASE
+        ratings = fit_bradley_terry([d for d, _ in self.duels()])
+        return max([BASE, *earlier], key=lambda p: (ratings.get(p, -math.inf), p == BASE))
 
     # -- rounds -----------------------------------------------------------------------------
 

@@ -1,12 +1,11 @@
-"""Which policies answer a turn, and when a candidate has won (or lost) its duels."""
+"""Which policies answer a turn: two samples of the champion, or a duel of two policies.
+
+Whether a duel's winner is really better is the promotion test's business (``gate.py``)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-from prefloop.loop.ratings import duel_score
 
 
 @dataclass(frozen=True)
@@ -31,43 +30,3 @@ def plan_turn(champion: str, candidate: str | None, duel_share: float,
         return TurnPlan("sample", champion, champion)
     a, b = opponents if rng.random() < 0.5 else opponents[::-1]
     return TurnPlan("duel", a, b)
-
-
-@dataclass(frozen=True)
-class DuelRecord:
-    votes: int
-    score: float  # the candidate's wins, ties and both-bad counting half
-
-    @property
-    def winrate(self) -> float | None:
-        return self.score / self.votes if self.votes else None
-
-
-def duel_record(votes: Sequence[dict], candidate: str, champion: str) -> DuelRecord:
-    """The candidate's record in its duels against ``champion`` (rows of
-    :meth:`Store.duel_votes`)."""
-    n, score = 0, 0.0
-    for row in votes:
-        if {row["policy_a"], row["policy_b"]} != {candidate, champion}:
-            continue
-        result = duel_score(row["choice"])
-        if result is None:  # a written answer says nothing about which side was better
-            continue
-        n += 1
-        score += result if row["policy_a"] == candidate else 1.0 - result
-    return DuelRecord(n, score)
-
-
-def verdict(record: DuelRecord, min_votes: int, winrate: float, max_votes: int) -> str:
-    """``promote``, ``reject`` or ``wait``.
-
-    Promote at ``min_votes`` or more with a win-rate of at least ``winrate``; reject as soon
-    as winning every duel left before ``max_votes`` could no longer reach ``winrate``.
-    """
-    if record.votes >= min_votes and record.score >= winrate * record.votes - 1e-9:
-        return "promote"
-    remaining = max(0, max_votes - record.votes)
-    best = (record.score + remaining) / max(max_votes, record.votes)
-    if best < winrate - 1e-9 or record.votes >= max_votes:
-        return "reject"
-    return "wait"

@@ -298,14 +298,24 @@ class Store:
                 "select count(*) from votes v where v.choice in ('a', 'b', 'written') "
                 f"and v.rowid > ? and {COUNTED}", [after_vote]).fetchone()[0]
 
-    def duel_votes(self) -> list[dict[str, Any]]:
+    def duel_votes(self, between: tuple[str, str] | None = None,
+                   since: str | None = None) -> list[dict[str, Any]]:
         """Votes on pairs of two different policies, oldest first (for ratings and the
-        gate), from clients not flagged."""
+        gate), from clients not flagged; only duels of the two policies ``between`` (either
+        side), only votes after ``since``."""
+        where, params = ["p.kind = 'duel'", COUNTED], []
+        if between is not None:
+            where.append("((p.policy_a = ? and p.policy_b = ?) or "
+                         "(p.policy_a = ? and p.policy_b = ?))")
+            params += [*between, *between[::-1]]
+        if since is not None:
+            where.append("v.created_at > ?")
+            params.append(since)
         with self._lock:
             return [dict(r) for r in self.db.query(
                 "select p.id as pair_id, p.policy_a, p.policy_b, v.choice, "
                 "v.created_at as voted_at from pairs p join votes v on v.pair_id = p.id "
-                f"where p.kind = 'duel' and {COUNTED} order by v.rowid")]
+                f"where {' and '.join(where)} order by v.rowid", params)]
 
     def votes_by_choice(self) -> dict[str, int]:
         with self._lock:
@@ -507,22 +517,29 @@ class Store:
             return [r[0] for r in self.db.execute(
                 "select name from adapters where state = 'candidate' and name != ?", [name])]
 
-    def crown(self, policy: str, reason: str) -> str:
+    def crown(self, policy: str, reason: str, old_state: str = "retired") -> str:
         """Make ``policy`` (``base`` or an adapter) the champion in one transaction; the old
-        champion adapter is retired. Returns the old champion."""
+        champion adapter goes to ``old_state`` (``retired``, or ``rolled_back``). Returns
+        the old champion."""
         with self._write():
             if policy != "base":
                 self.adapter(policy)
             old = self.champion()
             stamp = now()
             if old != "base" and old != policy:
-                self.db["adapters"].update(old, {"state": "retired", "state_at": stamp,
+                self.db["adapters"].update(old, {"state": old_state, "state_at": stamp,
                                                  "reason": reason})
             if policy != "base":
                 self.db["adapters"].update(policy, {"state": "champion", "state_at": stamp,
                                                     "reason": reason})
-            self.db["loop_state"].upsert({"key": "champion", "value": policy}, pk="key")
+            self.db["loop_state"].upsert_all(
+                [{"key": "champion", "value": policy}, {"key": "champion_since", "value": stamp}],
+                pk="key")
         return old
+
+    def champion_since(self) -> str | None:
+        """When the champion was crowned (None: ``base`` since the start)."""
+        return self.get_state("champion_since")
 
     def get_state(self, key: str) -> str | None:
         with self._lock:
