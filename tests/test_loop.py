@@ -185,6 +185,23 @@ def test_a_candidate_not_shown_better_within_the_budget_is_not_promoted(
         rig.close()
 
 
+def test_a_scheduled_round_waits_for_the_candidates_verdict(rig: LoopRig) -> None:
+    fake_adapter(rig, "v0001")
+    vote_pairs(rig.store, 8)  # enough new votes for a round (min_new_pairs 8)
+    duel(rig, "v0001", "base", "a")
+    assert rig.loop.tick() is None and rig.store.rounds() == []
+    status = rig.loop.status()
+    assert status["waiting_for_verdict"] and status["candidate_duel_votes"] == 1
+    assert "waits for the candidate's verdict (1 of at most 150" in \
+        LoopHandlers(rig.loop, None).status_text()
+    for _ in range(5):  # five losses in a row: rejected
+        duel(rig, "v0001", "base", "b")
+    assert rig.store.candidate() is None and not rig.loop.status()["waiting_for_verdict"]
+    rig.loop.trainer_command = (sys.executable, "-c", "import sys; sys.exit('no trainer')")
+    assert rig.loop.tick() is not None  # now the schedule trains again
+    assert rig.store.rounds()[0]["trigger"] == "schedule"
+
+
 def test_only_duels_against_the_champion_count(rig: LoopRig) -> None:
     fake_adapter(rig, "v0001")
     fake_adapter(rig, "v0002")
@@ -385,3 +402,93 @@ def test_restart_fails_a_running_round_and_loads_champion_and_candidate(
             again.loop.start_round()  # no votes in this store
     finally:
         again.close()
+
+
+# -- the KL budget ----------------------------------------------------------------------------
+
+
+def copying_trainer(source: Path) -> tuple[str, ...]:
+    """A "trainer" that writes a copy of ``source`` as its adapter: a round without training."""
+    return (sys.executable, "-c", (
+        "import shutil, sys; out = sys.argv[sys.argv.index('--out') + 1]; "
+        f"shutil.copytree({str(source)!r}, out)"))
+
+
+def test_kl_of_a_trained_adapter_is_measured_before_it_meets_visitors(trained: LoopRig,
+                                                                      embedded_model: Path):
+    [row] = [r for r in trained.store.rounds() if r["adapter"] == "v0001"]
+    report = row["kl"]
+    assert (report["policy"], report["answers"], report["max_tokens"]) == ("v0001", 16, 16)
+    assert report["per_token"] > 0 and report["per_answer"] > 0, report
+    assert 16 <= report["tokens"] <= 16 * 16
+    adapter = trained.store.adapter("v0001")
+    assert (adapter["kl_per_token"], adapter["kl_per_answer"]) == \
+        (report["per_token"], report["per_answer"])
+    assert len(report["samples"]) == 16 and all(s["text"].strip() for s in report["samples"])
+    [summary] = [r for r in round_summaries(trained.store, 10) if r["adapter"] == "v0001"]
+    assert summary["kl"]["per_token"] == report["per_token"] and "samples" not in summary["kl"]
+    cells = LoopHandlers(trained.loop, None).training_view().rounds
+    assert cells[cells["adapter"] == "v0001"]["KL/token"].tolist() == \
+        [f"{report['per_token']:.3f}"]
+
+    # vLLM's numbers against the trainer's own (torch, fp32) on the same answers: each
+    # answer's log-ratio agrees, so the probe measures what DPO moved.
+    from prefloop.sim.simulate import log_ratios
+
+    samples = report["samples"]
+    scored = log_ratios(embedded_model, Path(adapter["path"]),
+                        [([{"role": "user", "content": s["prompt"]}], s["text"])
+                         for s in samples], [s["finish_reason"] == "length" for s in samples])
+    print("probe vs torch, nats per answer:",
+          [(round(s["kl"], 3), round(t, 3)) for s, t in zip(samples, scored, strict=True)])
+    for sample, theirs in zip(samples, scored, strict=True):
+        assert abs(sample["kl"] - theirs) < 0.05 + 0.1 * abs(theirs), (sample, theirs)
+
+
+def test_an_adapter_over_max_kl_never_reaches_visitors(trained: LoopRig, tmp_path: Path,
+                                                       vllm_server, embedded_model: Path):
+    """Even with promote = "immediate": rejected with the reason, unloaded, never planned."""
+    measured = trained.store.adapter("v0001")["kl_per_token"]
+    budget = round(measured / 4, 6)
+    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model, max_kl=budget,
+                  promote="immediate")
+    rig.loop.trainer_command = copying_trainer(Path(trained.store.adapter("v0001")["path"]))
+    try:
+        vote_pairs(rig.store, 4)
+        row = rig.store.round(rig.loop.run_round("admin"))
+        assert row["status"] == "succeeded" and row["adapter"] == "v0001", row["error"]
+        adapter = rig.store.adapter("v0001")
+        assert adapter["state"] == "rejected"
+        assert adapter["reason"] == \
+            f"KL {row['kl']['per_token']:.3f} nats/token over max_kl {budget:g}"
+        assert adapter["kl_per_token"] == row["kl"]["per_token"] > budget
+        assert rig.store.candidate() is None and rig.store.champion() == "base"
+        assert rig.pool.loaded == {}
+        plans = [rig.loop.plan_turn() for _ in range(50)]
+        assert {(p.policy_a, p.policy_b) for p in plans} == {("base", "base")}
+        pair = rig.store.pair(rig.turn("How do I fold a shirt?").pair_id)
+        assert (pair["policy_a"], pair["policy_b"]) == ("base", "base")
+        [cells] = LoopHandlers(rig.loop, None).training_view().rounds.to_dict("records")
+        assert cells["adapter state"] == "rejected" and "over max_kl" in cells["decision"]
+    finally:
+        rig.close()
+
+
+def test_an_adapter_whose_kl_cannot_be_measured_is_rejected(trained: LoopRig, tmp_path: Path,
+                                                            vllm_server, embedded_model: Path):
+    from prefloop.serving.kl_probe import KLProbe
+    from prefloop.serving.vllm_server import Endpoint
+
+    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model)
+    rig.loop.trainer_command = copying_trainer(Path(trained.store.adapter("v0001")["path"]))
+    rig.loop.kl_probe = KLProbe(Endpoint("http://127.0.0.1:9", "x"), prompts=2, max_tokens=8)
+    try:
+        vote_pairs(rig.store, 4)
+        row = rig.store.round(rig.loop.run_round("admin"))
+        assert row["status"] == "succeeded" and row["kl"] is None
+        adapter = rig.store.adapter(row["adapter"])
+        assert adapter["state"] == "rejected" and adapter["kl_per_token"] is None
+        assert adapter["reason"].startswith("KL not measured: the model server did not answer")
+        assert rig.store.candidate() is None and rig.pool.loaded == {}
+    finally:
+        rig.close()

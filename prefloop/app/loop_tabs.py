@@ -36,10 +36,10 @@ ADMIN_HELP = ("**Make champion** serves the chosen policy for new turns at once.
               "how to roll back: choose an earlier adapter, or `base` for the model without "
               "any adapter.")
 LEADERBOARD_COLUMNS = ["policy", "state", "rating", "95% interval", "votes",
-                       "win-rate vs base", "votes vs base"]
+                       "win-rate vs base", "votes vs base", "KL/token"]
 ROUND_COLUMNS = ["id", "trigger", "status", "started", "ended", "pairs", "new pairs",
-                 "adapter", "adapter state", "final loss", "held-out accuracy after", "error",
-                 "decision"]
+                 "adapter", "adapter state", "final loss", "held-out accuracy after",
+                 "KL/token", "error", "decision"]
 ACTIONS = ("start_round", "pause", "resume", "promote")
 FLAGGED_COLUMNS = ["client", "flagged at", "votes held back", "reasons"]
 FLAGGED_HELP = ("**Flagged voters.** A client (browser cookie) whose votes look untrustworthy "
@@ -156,6 +156,8 @@ class LoopHandlers:
                 line += f" — step {progress['step']}/{progress.get('of', '?')}"
                 if isinstance(progress.get("loss"), (int, float)):
                     line += f", loss {progress['loss']:.2f}"
+            elif progress.get("event") == "kl_probe":
+                line += " — measuring the new adapter's KL from base"
             else:
                 line += " — preparing"
             if self.loop.paused:
@@ -170,14 +172,19 @@ class LoopHandlers:
                     + (f"**{candidate}** (dueling the champion)" if candidate else "none"))
         new, needed = status["new_trainable_votes"], status["min_new_pairs"]
         every = f"{status['train_every_minutes']:g} min"
-        if new < needed:
+        if status["waiting_for_verdict"]:
+            votes = (f"{new} new votes; the next scheduled round waits for the candidate's "
+                     f"verdict ({status['candidate_duel_votes']} of at most "
+                     f"{status['max_duel_votes']} duel votes so far).")
+        elif new < needed:
             votes = (f"{new} of {needed} new votes needed for the next round, checked every "
                      f"{every}.")
         else:
             votes = (f"{new} new votes ({needed} needed): a round starts at the next check "
                      f"(every {every}) unless the loop is paused.")
         promote = ("every new adapter becomes champion" if status["promote"] == "immediate"
-                   else "a new adapter becomes champion by winning its duels")
+                   else "a new adapter becomes champion when the promotion test finds it "
+                        "better than the champion in their duels")
         return "\n\n".join([line, policies, votes, f"Promotion: {promote}."])
 
     # -- admin ------------------------------------------------------------------------------
@@ -278,18 +285,20 @@ def _standing_row(s: dict[str, Any]) -> dict[str, Any]:
     return {"policy": s["policy"], "state": s["state"], "rating": round(s["rating"]),
             "95% interval": interval, "votes": s["votes"],
             "win-rate vs base": "–" if winrate is None else f"{winrate:.0%}",
-            "votes vs base": s["votes_vs_base"]}
+            "votes vs base": s["votes_vs_base"], "KL/token": _kl(s["kl_per_token"])}
 
 
 def _round_row(r: dict[str, Any]) -> dict[str, Any]:
     """A round as table cells; what it does not have (yet) is blank."""
     after = (r["held_out"] or {}).get("after") or {}
+    kl = (r["kl"] or {}).get("per_token")
     row = {"id": r["id"], "trigger": r["trigger"], "status": r["status"],
            "started": _time(r["started_at"]), "ended": _time(r["ended_at"]),
            "pairs": r["pairs"], "new pairs": r["new_pairs"], "adapter": r["adapter"],
            "adapter state": r["adapter_state"],
            "final loss": round(r["losses"][-1], 3) if r["losses"] else None,
-           "held-out accuracy after": _rounded(after.get("accuracy")), "error": r["error"],
+           "held-out accuracy after": _rounded(after.get("accuracy")),
+           "KL/token": None if kl is None else _kl(kl), "error": r["error"],
            "decision": r["adapter_reason"]}
     return {key: "" if value is None else value for key, value in row.items()}
 
@@ -308,6 +317,11 @@ def _time(stamp: str | None) -> str | None:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+def _kl(nats_per_token: float | None) -> str:
+    """KL from base in nats per token as a cell ('–': not measured)."""
+    return "–" if nats_per_token is None else f"{nats_per_token:.3f}"
 
 
 def build_loop_tabs(loop: Loop, admin_password: str | None,

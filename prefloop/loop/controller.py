@@ -33,6 +33,7 @@ from prefloop.loop.rounds import (
 )
 from prefloop.loop.voters import review_client
 from prefloop.serving.adapters import BASE, AdapterError, AdapterPool, ServerUnreachable
+from prefloop.serving.kl_probe import KLProbe, KLProbeError, KLReport
 from prefloop.storage.store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class Loop:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self.kl_probe = None if settings.kl_probe_prompts == 0 else KLProbe(
+            pool.endpoint, prompts=settings.kl_probe_prompts, max_tokens=settings.max_tokens,
+            system_prompt=settings.system_prompt, model_name=pool.served_name)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -211,12 +215,27 @@ class Loop:
     def training(self) -> bool:
         return self._round_lock.locked()
 
+    def judging(self) -> bool:
+        """True while a candidate's duels are deciding its fate (``promote = "duel"``): a
+        scheduled round waits for the verdict, or it would supersede the candidate untested
+        (the test needs tens of duel votes; a round needs only ``min_new_pairs`` votes)."""
+        return self.settings.promote == "duel" and self.store.candidate() is not None
+
+    def candidate_duel_votes(self) -> int:
+        """Duel votes the candidate has had against the current champion."""
+        candidate = self.store.candidate()
+        if candidate is None:
+            return 0
+        return len(self.store.duel_votes(between=(candidate, self.store.champion()),
+                                         since=self.store.adapter(candidate)["created_at"]))
+
     def tick(self) -> int | None:
-        """The scheduled check: run a round when enough new trainable votes exist."""
+        """The scheduled check: run a round when enough new trainable votes exist and no
+        candidate is being judged."""
         if self.paused or self._stop.is_set():
             return None
         new = self.store.count_trainable(self.store.last_trained_vote())
-        if new < self.settings.min_new_pairs:
+        if new < self.settings.min_new_pairs or self.judging():
             return None
         if self.training:
             return self.store.record_skipped_round("schedule", "another round was running")
@@ -304,17 +323,41 @@ class Loop:
         loaded = time.monotonic()
         refused = self._load_new_adapter(name, out)
         loaded = time.monotonic() - loaded
+        # Measured before it is stored: only a stored candidate reaches visitors.
+        kl, refused = (None, refused) if refused else self._check_kl(round_id, name)
         self.store.add_adapter(name, out, round_id, parent, *(
-            ("rejected", refused) if refused else ()))
+            ("rejected", refused) if refused else ()),
+            kl_per_token=kl.per_token if kl else None,
+            kl_per_answer=kl.per_answer if kl else None)
         self.store.update_round(round_id, status="succeeded", adapter=name, metrics=metrics,
-                                progress={"event": "loaded", "load_seconds": loaded})
+                                progress={"event": "loaded", "load_seconds": loaded},
+                                kl=kl.as_dict() if kl else None)
         if refused:
+            self.prune()  # loaded for the probe, unloaded now
             return
         if s.promote == "immediate":
             self.store.crown(name, "promote: immediate")
         for stale in self.store.candidate_other_than(name):
             self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
         self.prune()
+
+    def _check_kl(self, round_id: int, name: str) -> tuple[KLReport | None, str | None]:
+        """KL(``name`` ‖ base) from the probe, and the reason to reject the adapter (over
+        ``max_kl``, or not measured: an adapter of unknown KL may be over it), or None."""
+        s = self.settings
+        if self.kl_probe is None:
+            return None, None
+        self.store.update_round(round_id, progress={"event": "kl_probe"})
+        try:
+            with self.pool.using(name):  # the scheduled prune must not unload it meanwhile
+                report = self.kl_probe.measure_blocking(name)
+        except KLProbeError as exc:
+            log.error("round %s: the KL probe of %s failed: %s", round_id, name, exc)
+            return None, f"KL not measured: {exc}"
+        log.info("round %s: %s %s", round_id, name, report.summary())
+        if s.max_kl and report.per_token > s.max_kl:
+            return report, f"KL {report.per_token:.3f} nats/token over max_kl {s.max_kl:g}"
+        return report, None
 
     def _load_new_adapter(self, name: str, path: Path, attempts: int = 6,
                           pause: float = 10.0) -> str | None:
@@ -381,7 +424,10 @@ class Loop:
                     self.store.last_trained_vote()),
                 "min_new_pairs": self.settings.min_new_pairs,
                 "train_every_minutes": self.settings.train_every,
-                "promote": self.settings.promote}
+                "promote": self.settings.promote,
+                "candidate_duel_votes": self.candidate_duel_votes(),
+                "max_duel_votes": self.settings.max_duel_votes,
+                "waiting_for_verdict": self.judging()}
 
     def duels(self) -> list[tuple[Duel, str]]:
         """Every duel result with the time of its vote."""
@@ -396,7 +442,8 @@ class Loop:
         duels = [d for d, _ in self.duels()]
         states = {a["name"]: a["state"] for a in self.store.adapters()}
         states[BASE] = "champion" if self.store.champion() == BASE else "base"
-        return [{**vars(s), "state": states.get(s.policy, "")}
+        kl = {a["name"]: a["kl_per_token"] for a in self.store.adapters()} | {BASE: 0.0}
+        return [{**vars(s), "state": states.get(s.policy, ""), "kl_per_token": kl.get(s.policy)}
                 for s in leaderboard(duels, resamples=self.settings.rating_resamples)]
 
     def ratings_over_time(self, points: int = 20) -> list[dict[str, Any]]:
