@@ -134,6 +134,15 @@ class Settings:
                                     lo=0, hi=1024)
     trainer_timeout: float = _setting(3600.0, "Seconds a round may train before it is "
                                               "stopped and failed.", lo=1, hi=7 * 86400)
+    max_kl: float = _setting(
+        0.2, "KL budget of a new adapter, in nats per answer TOKEN: KL(adapter ‖ base) "
+             "measured on the KL probe's prompts after its round; an adapter above it is "
+             "rejected and never reaches visitors (0: no budget, the KL is only recorded).",
+        lo=0.0, hi=100.0)
+    kl_probe_prompts: int = _setting(
+        16, "Built-in prompts the KL probe answers with each new adapter, one sample each "
+            "(beyond the built-in ones they repeat with new seeds; 0: no probe, then "
+            "max_kl must be 0).", lo=0, hi=4096)
     rating_resamples: int = _setting(100, "Bootstrap resamples of the rating intervals.",
                                      lo=0, hi=100_000)
 
@@ -156,6 +165,9 @@ class Settings:
             raise ConfigError(f"train_lora_rank ({self.train_lora_rank}) must be at most "
                               f"lora_max_rank ({self.lora_max_rank}): vLLM would refuse the "
                               "adapter")
+        if self.max_kl > 0 and self.kl_probe_prompts == 0:
+            raise ConfigError(f"max_kl ({self.max_kl:g}) needs the KL probe: set "
+                              "kl_probe_prompts above 0, or max_kl = 0 for no KL budget")
 
     @property
     def db_path(self) -> Path:

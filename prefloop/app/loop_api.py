@@ -83,7 +83,13 @@ def round_summary(row: dict[str, Any], adapter: dict[str, Any] | None = None) ->
         "losses": [step["loss"] for step in steps],
         "held_out": metrics.get("held_out"),
         "seconds": (metrics.get("seconds") or {}).get("total"),
+        "kl": kl_summary(row.get("kl")),
     }
+
+
+def kl_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The KL probe's report on a round without its answers (``GET /api/v1/rounds``)."""
+    return None if report is None else {k: v for k, v in report.items() if k != "samples"}
 
 
 def loop_routers(loop: Loop, password: str | None,
@@ -95,7 +101,9 @@ def loop_routers(loop: Loop, password: str | None,
 
     @router.get("/adapters")
     def adapters() -> dict[str, Any]:
-        """Every adapter version and its state; the champion and the candidate."""
+        """Every adapter version with its state and KL from base (``kl_per_token``, the unit
+        of ``max_kl``, and ``kl_per_answer``; null where not measured); the champion and the
+        candidate."""
         return {"champion": store.champion(), "candidate": store.candidate(),
                 "adapters": store.adapters()}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from prefloop.hardware import cpu_has_native_bf16, serving_dtype
+from prefloop.trainer.settings import DEFAULT_TARGET_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,11 @@ class VLLMServer:
             "--max-model-len", str(self.max_model_len),
             "--gpu-memory-utilization", str(self.memory_fraction),
             *(["--enable-lora", "--max-lora-rank", str(self.lora_max_rank),
-               "--max-loras", str(self.lora_slots)] if self.lora else []),
+               "--max-loras", str(self.lora_slots),
+               # LoRA in the blocks only, never the output layer: with a LoRA-wrapped output
+               # layer, vLLM 0.32 (CPU) kills its engine on prompt log-probs (the KL probe's)
+               # batched with any other request, and drops its delta from them anyway.
+               "--lora-target-modules", *DEFAULT_TARGET_MODULES] if self.lora else []),
             "--generation-config", "vllm",  # our sampling settings, not the model's defaults
             "--dtype", self.dtype,
             "--disable-uvicorn-access-log", *self.cpu_args(), *self.extra_args,

@@ -101,3 +101,12 @@ def m004_client_flags(db: Database) -> None:
         defaults={"cleared_through": 0},
     )
     db["votes"].create_index(["client_id"])
+
+
+@migrations()
+def m005_kl_probe(db: Database) -> None:
+    # KL(adapter ‖ base) as the KL probe measured it after the round (serving/kl_probe.py):
+    # per answer token (the unit of max_kl) and per answer; the round keeps the whole report.
+    db["adapters"].add_column("kl_per_token", float)
+    db["adapters"].add_column("kl_per_answer", float)
+    db["rounds"].add_column("kl", str)  # JSON: the probe's report (or {"error": ...})

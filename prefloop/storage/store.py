@@ -477,12 +477,17 @@ class Store:
     # -- adapters and the champion --------------------------------------------------------
 
     def add_adapter(self, name: str, path: Path, round_id: int | None, parent: str,
-                    state: str = "candidate", reason: str | None = None) -> None:
+                    state: str = "candidate", reason: str | None = None, *,
+                    kl_per_token: float | None = None,
+                    kl_per_answer: float | None = None) -> None:
+        """Record a new adapter with its state and, when the KL probe measured it,
+        KL(adapter ‖ base) in nats per answer token and per answer."""
         stamp = now()
         with self._write():
             self.db["adapters"].insert(
                 {"name": name, "state": state, "path": str(path), "round_id": round_id,
-                 "parent": parent, "created_at": stamp, "state_at": stamp, "reason": reason})
+                 "parent": parent, "created_at": stamp, "state_at": stamp, "reason": reason,
+                 "kl_per_token": kl_per_token, "kl_per_answer": kl_per_answer})
 
     def adapter(self, name: str) -> dict[str, Any]:
         with self._lock:
@@ -570,6 +575,6 @@ def _flag_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def _round_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
-    for key in ("metrics", "progress"):
+    for key in ("metrics", "progress", "kl"):
         row[key] = json.loads(row[key]) if row[key] else None
     return row
