@@ -431,18 +431,19 @@ def test_kl_of_a_trained_adapter_is_measured_before_it_meets_visitors(trained: L
     assert cells[cells["adapter"] == "v0001"]["KL/token"].tolist() == \
         [f"{report['per_token']:.3f}"]
 
-    # vLLM's numbers against the trainer's own (torch, fp32) on the same answers: each
-    # answer's log-ratio agrees, so the probe measures what DPO moved.
+    # vLLM's numbers against the same answers scored in torch at fp32 (the simulation's
+    # estimate, with the trainer's code). vLLM serves in bf16 where the CPU has it: single
+    # token log-probs then differ by up to ~0.35 nats, one answer's sum by up to ~0.7, the
+    # probe's mean per token by ~0.004 nats (0.008 vs 0.004 here); the budget is 0.2.
     from prefloop.sim.simulate import log_ratios
 
     samples = report["samples"]
     scored = log_ratios(embedded_model, Path(adapter["path"]),
                         [([{"role": "user", "content": s["prompt"]}], s["text"])
                          for s in samples], [s["finish_reason"] == "length" for s in samples])
-    print("probe vs torch, nats per answer:",
-          [(round(s["kl"], 3), round(t, 3)) for s, t in zip(samples, scored, strict=True)])
-    for sample, theirs in zip(samples, scored, strict=True):
-        assert abs(sample["kl"] - theirs) < 0.05 + 0.1 * abs(theirs), (sample, theirs)
+    torch_per_token = sum(scored) / report["tokens"]
+    print(f"KL per token: probe {report['per_token']:.4f}, torch fp32 {torch_per_token:.4f}")
+    assert abs(report["per_token"] - torch_per_token) < 0.02, (report["per_token"], scored)
 
 
 def test_an_adapter_over_max_kl_never_reaches_visitors(trained: LoopRig, tmp_path: Path,
