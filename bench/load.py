@@ -8,6 +8,9 @@ goes on for ``--turns`` turns, then opens the next conversation. A client that i
 in, the admin API starts a round; the trainer runs beside the load, and the loop loads the new
 adapter and makes it champion. The clients stop ``--after`` seconds after that, or at
 ``--seconds`` (the time bound), or after ``--max-pairs`` pairs each (the count bound).
+With ``--until-answered-by vNNNN`` they stop instead once a pair written by that policy has a
+vote, whatever the machine's speed; ``--seconds`` is then only the deadline (the test uses
+this: a slower CPU must not end the load before the new adapter has answered).
 
 Meanwhile a monitor asks ``/healthz`` and the page (``GET /``) twice a second.
 
@@ -48,11 +51,13 @@ CHOICE_WEIGHTS = [35, 35, 10, 10, 10]
 @dataclass
 class LoadPlan:
     clients: int = 50
-    turns: int = 3             # turns per conversation
-    seconds: float = 900.0     # time bound of the whole run
-    max_pairs: int = 40        # count bound per client
-    after: float = 30.0        # seconds of load after the promotion
-    train_after: int = 16      # trainable votes acknowledged before the round starts
+    turns: int = 3               # turns per conversation
+    seconds: float = 900.0       # time bound of the whole run
+    max_pairs: int | None = 40   # count bound per client (None: no bound)
+    after: float = 30.0          # seconds of load after the promotion
+    # Instead of `after`: go on until a pair by this policy has a vote.
+    until_answered_by: str | None = None
+    train_after: int = 16        # trainable votes acknowledged before the round starts
     password: str = PASSWORD
     seed: int = 0
 
@@ -63,7 +68,9 @@ class LoadResult:
     acknowledged: list[str] = field(default_factory=list)  # pair ids of 200 votes
     health: list[dict] = field(default_factory=list)
     round: dict = field(default_factory=dict)
+    answered_by: Counter[str] = field(default_factory=Counter)  # voted pairs per policy
     seconds: float = 0.0
+    timed_out: bool = False  # stopped by the time bound
 
 
 def _outcome(response: httpx.Response) -> str:
@@ -83,6 +90,7 @@ class Load:
         self.stop = asyncio.Event()
         self.trainable = 0
         self.enough_votes = asyncio.Event()
+        self.target_answered = asyncio.Event()  # plan.until_answered_by wrote a voted pair
 
     async def request(self, http: httpx.AsyncClient, kind: str, path: str,
                       body: dict) -> httpx.Response | None:
@@ -114,7 +122,8 @@ class Load:
         rng = random.Random(self.plan.seed * 1000 + k)
         async with httpx.AsyncClient(base_url=self.url, timeout=600) as http:
             pairs = 0
-            while not self.stop.is_set() and pairs < self.plan.max_pairs:
+            while not self.stop.is_set() and (self.plan.max_pairs is None
+                                              or pairs < self.plan.max_pairs):
                 conversation = None
                 for turn in range(self.plan.turns):
                     topic = TOPICS[rng.randrange(len(TOPICS))]
@@ -137,6 +146,11 @@ class Load:
                     if vote is None or vote.status_code != 200:
                         break
                     self.result.acknowledged.append(pair["pair_id"])
+                    revealed = vote.json()
+                    for policy in {revealed["policy_a"], revealed["policy_b"]}:
+                        self.result.answered_by[policy] += 1
+                        if policy == self.plan.until_answered_by:
+                            self.target_answered.set()
                     if choice in ("a", "b", "written"):
                         self.trainable += 1
                         if self.trainable >= self.plan.train_after:
@@ -195,8 +209,11 @@ class Load:
 
         async def stop_when_done() -> None:
             await trainer
-            if "promoted" in self.result.round:
-                await asyncio.sleep(self.plan.after)
+            if "promoted" in self.result.round:  # else the round failed: stop now
+                if self.plan.until_answered_by is not None:
+                    await self.target_answered.wait()
+                else:
+                    await asyncio.sleep(self.plan.after)
             self.stop.set()
 
         stopper = asyncio.create_task(stop_when_done())
@@ -204,6 +221,7 @@ class Load:
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout=self.plan.seconds)
         except TimeoutError:
+            self.result.timed_out = True
             self.stop.set()
             await done
         self.stop.set()
@@ -296,10 +314,14 @@ def main() -> None:
     parser.add_argument("--max-pairs", type=int, default=40)
     parser.add_argument("--after", type=float, default=30.0)
     parser.add_argument("--train-after", type=int, default=16)
+    parser.add_argument("--until-answered-by", metavar="POLICY",
+                        help="stop once a pair by POLICY (e.g. v0001) has a vote, not "
+                        "--after seconds after the promotion; --seconds is the deadline")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     plan = LoadPlan(clients=args.clients, turns=args.turns, seconds=args.seconds,
-                    max_pairs=args.max_pairs, after=args.after, train_after=args.train_after)
+                    max_pairs=args.max_pairs, after=args.after, train_after=args.train_after,
+                    until_answered_by=args.until_answered_by)
     model = prepare_model("embedded", ROOT / ".cache" / "test" / "models", progress=print)
     with tempfile.TemporaryDirectory(prefix="prefloop-bench-load-") as tmp:
         data_dir = Path(tmp) / "data"
