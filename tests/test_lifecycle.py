@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,18 +15,9 @@ import pytest
 
 from prefloop.serving.vllm_server import group_alive
 from prefloop.storage.store import Store
-from tests.conftest import ServeProcess
+from tests.conftest import ServeProcess, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def health(server: ServeProcess) -> int:
@@ -60,14 +50,28 @@ def lora_adapter(model: Path, folder: Path) -> Path:
     return folder
 
 
-def metric(server: ServeProcess, name: str) -> float:
+def metric_sum(text: str, name: str) -> float:
+    """The sum of the samples called ``name`` in a Prometheus text page (KeyError if none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(server.http.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == name]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
+
+
+def metric(server: ServeProcess, name: str) -> float:
+    return metric_sum(server.http.get("/metrics").text, name)
+
+
+def vllm_tokens(data_dir: Path) -> float:
+    """Tokens the supervised vLLM has generated so far, from its own /metrics (which needs no
+    API key); its port is on its command line."""
+    argv = Path(f"/proc/{vllm_pgid(data_dir)}/cmdline").read_bytes().split(b"\0")
+    port = int(argv[argv.index(b"--port") + 1])
+    page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return metric_sum(page, "vllm:generation_tokens_total")
 
 
 def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, external_args):
@@ -92,22 +96,23 @@ def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, extern
         # vLLM dies while a pair is being written: that request gets a clear 503, the
         # supervisor starts vLLM again with both adapters, and the next pair works.
         old = vllm_pgid(data_dir)
+        tokens = vllm_tokens(data_dir)
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(server.http.post, "/api/v1/pairs",
                                   json={"message": "Tell me a long story about a fox."})
-            wait_for(lambda: metric(server, "prefloop_generations_running") == 1, 30,
-                     "the pair to be in progress")
-            time.sleep(0.5)  # tokens are streaming
+            # Nothing else is generating: vLLM's first new token is this pair's, streaming.
+            wait_for(lambda: vllm_tokens(data_dir) > tokens, 300,
+                     "the pair's first streamed token", poll=0.05)
             os.kill(old, signal.SIGKILL)
             broken = pending.result()
         assert broken.status_code == 503, broken.text
         assert "model server" in broken.json()["detail"]
         assert broken.headers["Retry-After"]
-        wait_for(lambda: health(server) == 503, 30, "healthz to report the dead model")
-        wait_for(lambda: health(server) == 200, 300, "vLLM to be restarted")
+        wait_for(lambda: health(server) == 503, 120, "healthz to report the dead model")
+        wait_for(lambda: health(server) == 200, 600, "vLLM to be restarted")
         assert vllm_pgid(data_dir) != old
-        wait_for(lambda: not group_alive(old), 30, "the old vLLM's processes to end")
-        wait_for(lambda: metric(server, "prefloop_vllm_restarts_total") == 1, 60,
+        wait_for(lambda: not group_alive(old), 120, "the old vLLM's processes to end")
+        wait_for(lambda: metric(server, "prefloop_vllm_restarts_total") == 1, 300,
                  "the restart to be counted")
         again = pair(server, "Hello again!", first["conversation_id"])
         vote = server.http.post("/api/v1/votes", json={"pair_id": again["pair_id"],
@@ -128,7 +133,7 @@ def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, extern
     finally:
         server.stop()
 
-    wait_for(lambda: not group_alive(pgid), 60, "vLLM to die with its parent")
+    wait_for(lambda: not group_alive(pgid), 120, "vLLM to die with its parent")
     with sqlite3.connect(data_dir / "prefloop.db") as db:
         assert db.execute("pragma integrity_check").fetchone() == ("ok",)
         stored = {row[0] for row in db.execute("select pair_id from votes")}
@@ -155,7 +160,7 @@ def test_sigterm_stops_vllm_too(tmp_path: Path, embedded_model: Path):
         pgid = vllm_pgid(data_dir)
         assert group_alive(pgid)
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(timeout=60) == 0
+        assert server.proc.wait(timeout=120) == 0
     finally:
         server.stop()
     assert not group_alive(pgid)
