@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.conftest import open_page
+from tests.conftest import ANSWER_TIMEOUT_MS, open_page
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,14 @@ def test_chat_vote_and_continue(page: Page, served):
     before = len(votes(served))
 
     send(page, "Suggest a name for a cat.")
-    expect(vote_a).to_be_enabled(timeout=60_000)
+    expect(vote_a).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     answer_a = page.locator("#answer-a").inner_text().strip()
     answer_b = page.locator("#answer-b").inner_text().strip()
     assert answer_a and answer_b and answer_a != answer_b
     expect(page.locator("#send")).to_be_disabled()
 
     vote_a.click()
-    expect(page.locator("#status")).to_contain_text("Saved: A is better", timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("Saved: A is better")
     expect(vote_a).to_be_disabled()
     rows = votes(served)
     assert len(rows) == before + 1
@@ -53,9 +53,9 @@ def test_chat_vote_and_continue(page: Page, served):
     expect(page.locator("#conversation")).to_contain_text("Suggest a name for a cat.")
 
     send(page, "Another one, please.")
-    expect(vote_a).to_be_enabled(timeout=60_000)
+    expect(vote_a).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     page.locator("#vote-both-bad").click()
-    expect(page.locator("#status")).to_contain_text("Saved: Both bad", timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("Saved: Both bad")
     rows = votes(served)
     assert len(rows) == before + 2
     assert rows[-1][0] == conversation_id and rows[-1][1] == "both_bad"
@@ -63,13 +63,12 @@ def test_chat_vote_and_continue(page: Page, served):
 
 def test_written_answer_joins_the_conversation(page: Page, served):
     send(page, "Say hello.")
-    expect(page.locator("#vote-a")).to_be_enabled(timeout=60_000)
+    expect(page.locator("#vote-a")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     page.locator("#write-accordion").get_by_text("Write a better answer").click()
-    expect(page.locator("#vote-written")).to_be_enabled(timeout=10_000)
+    expect(page.locator("#vote-written")).to_be_enabled()
     page.locator("#written-answer textarea").fill("Hello! Nice to meet you.")
     page.locator("#vote-written").click()
-    expect(page.locator("#status")).to_contain_text("Saved: your written answer",
-                                                    timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("Saved: your written answer")
     expect(page.locator("#conversation")).to_contain_text("Hello! Nice to meet you.")
 
 
@@ -78,9 +77,9 @@ def test_bad_messages_show_an_error_and_store_nothing(page: Page, served):
     with sqlite3.connect(served.data_dir / "prefloop.db") as db:
         pairs_before = db.execute("select count(*) from pairs").fetchone()[0]
     send(page, "   ")
-    expect(page.locator("#status")).to_contain_text("empty", timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("empty")
     send(page, "x" * 4001)
-    expect(page.locator("#status")).to_contain_text("limit is 4,000", timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("limit is 4,000")
     expect(page.locator("#vote-a")).to_be_disabled()
     with sqlite3.connect(served.data_dir / "prefloop.db") as db:
         assert db.execute("select count(*) from pairs").fetchone()[0] == pairs_before
@@ -89,13 +88,12 @@ def test_bad_messages_show_an_error_and_store_nothing(page: Page, served):
 
 def test_new_conversation_starts_over(page: Page, served):
     send(page, "Tell me a fact.")
-    expect(page.locator("#vote-tie")).to_be_enabled(timeout=60_000)
+    expect(page.locator("#vote-tie")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     page.locator("#vote-tie").click()
-    expect(page.locator("#status")).to_contain_text("Saved: Tie", timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("Saved: Tie")
     expect(page.locator("#conversation")).to_contain_text("Tell me a fact.")
     page.locator("#new-conversation").click()
-    expect(page.locator("#conversation")).not_to_contain_text("Tell me a fact.",
-                                                               timeout=10_000)
+    expect(page.locator("#conversation")).not_to_contain_text("Tell me a fact.")
 
 
 def test_loop_tabs_without_an_admin_password(page: Page, served):
@@ -105,4 +103,4 @@ def test_loop_tabs_without_an_admin_password(page: Page, served):
     page.get_by_role("tab", name="Leaderboard").click()
     expect(page.locator("#leaderboard-note")).to_contain_text("No duel votes yet")
     page.get_by_role("tab", name="Training").click()
-    expect(page.locator("#loop-status")).to_contain_text("champion", timeout=10_000)
+    expect(page.locator("#loop-status")).to_contain_text("champion")

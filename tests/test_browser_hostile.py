@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from prefloop.serving.vllm_server import free_port
-from tests.conftest import ServeProcess, open_page
+from tests.conftest import ANSWER_TIMEOUT_MS, ServeProcess, open_page, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +81,7 @@ def hostile_model() -> Iterator[str]:
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    wait_for(lambda: server.started, 60, "the stand-in model server to start", poll=0.05)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
@@ -104,6 +102,13 @@ def served_hostile(tmp_path_factory: pytest.TempPathFactory, hostile_model: str,
 @pytest.fixture
 def page(browser, served_hostile: ServeProcess) -> Iterator[Page]:
     yield from open_page(browser, served_hostile.url + "/")
+
+
+def settled(page: Page) -> None:
+    """Wait until every image in the page has loaded or failed, then for the browser to run
+    the tasks queued so far: by then an injected load/error/toggle handler would have run."""
+    page.wait_for_function("() => [...document.images].every(img => img.complete)")
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => setTimeout(done)))")
 
 
 def assert_inert(page: Page) -> None:
@@ -132,9 +137,9 @@ def test_hostile_html_is_shown_inert(page: Page, served_hostile: ServeProcess) -
     page.locator("#message textarea").fill(
         "Hi <img src=x onerror=\"window.__pwned='message'\"> <script>window.__pwned=1</script>")
     page.locator("#send").click()
-    expect(page.locator("#vote-a")).to_be_enabled(timeout=60_000)
+    expect(page.locator("#vote-a")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     expect(page.locator("#answer-a")).to_contain_text("Here you go")
-    page.wait_for_timeout(500)  # give any injected handler time to fire
+    settled(page)
     assert_inert(page)
 
     # A written answer with script becomes part of the conversation shown above.
@@ -142,8 +147,8 @@ def test_hostile_html_is_shown_inert(page: Page, served_hostile: ServeProcess) -
     page.locator("#written-answer textarea").fill(
         '<img src=x onerror="window.__pwned=\'written\'"> **bold** <script>alert(1)</script>')
     page.locator("#vote-written").click()
-    expect(page.locator("#status")).to_contain_text("Saved", timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("Saved")
     expect(page.locator("#conversation")).to_contain_text("bold")
-    page.wait_for_timeout(500)
+    settled(page)
     assert_inert(page)
     assert dialogs == []

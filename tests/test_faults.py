@@ -13,13 +13,13 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from prefloop.loop.controller import LoopError
+from tests.conftest import ROUND_TIMEOUT, wait_for
 from tests.test_loop import LoopRig, vote_pairs
 
 pytestmark = pytest.mark.slow
@@ -57,11 +57,13 @@ def rig(tmp_path: Path, vllm_server, embedded_model: Path):
 
 def test_trainer_killed_mid_round(rig: LoopRig) -> None:
     round_id = rig.loop.start_round("admin")
-    deadline = time.monotonic() + 300
-    while (rig.store.round(round_id)["progress"] or {}).get("event") != "step":
-        assert time.monotonic() < deadline, "the trainer never reported a step"
-        assert rig.store.round(round_id)["status"] == "running"
-        time.sleep(0.1)
+
+    def stepped() -> bool:
+        row = rig.store.round(round_id)
+        assert row["status"] == "running", row
+        return (row["progress"] or {}).get("event") == "step"
+
+    wait_for(stepped, ROUND_TIMEOUT, "the trainer to report a step")
     trainers = [p for p in psutil.Process().children(recursive=True)
                 if "prefloop.trainer" in " ".join(p.cmdline())]
     assert len(trainers) == 1
