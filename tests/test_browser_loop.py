@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from playwright.sync_api import Page, expect
 
 from prefloop.cli import main
-from tests.conftest import ServeProcess, open_page
+from tests.conftest import ANSWER_TIMEOUT_MS, ROUND_TIMEOUT, ServeProcess, open_page, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,18 +62,25 @@ def test_admin_round_then_the_new_adapter_answers(page: Page, loop_served: Serve
     expect(page.locator("#admin-result")).to_contain_text("Round 1 started")
 
     page.get_by_role("tab", name="Training").click()
-    # The round trains, the adapter is loaded and (promote: immediate) made champion.
-    expect(page.locator("#loop-status")).to_contain_text("v0001", timeout=240_000)
-    expect(page.locator("#rounds")).to_contain_text("succeeded", timeout=20_000)
+    # The round trains, the adapter is loaded and (promote: immediate) made champion. The
+    # round's end is read from the API: a failed or rejected round fails here, with its reason.
+    def rounds() -> list[dict]:
+        return loop_served.http.get("/api/v1/rounds").json()["rounds"]
+
+    wait_for(lambda: rounds()[0]["status"] != "running", ROUND_TIMEOUT, "round 1 to end")
+    [row] = rounds()
+    assert row["status"] == "succeeded", row
+    expect(page.locator("#loop-status"), f"v0001 is not champion: {row}").to_contain_text(
+        "v0001")
+    expect(page.locator("#rounds")).to_contain_text("succeeded")
     assert (Path(loop_served.data_dir) / "adapters" / "v0001" / "adapter_config.json").is_file()
 
     page.get_by_role("tab", name="Arena").click()
     page.locator("#message textarea").fill("How do I brew tea?")
     page.locator("#send").click()
-    expect(page.locator("#vote-a")).to_be_enabled(timeout=60_000)
+    expect(page.locator("#vote-a")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     page.locator("#vote-a").click()
-    expect(page.locator("#status")).to_contain_text("Both answers came from v0001",
-                                                    timeout=10_000)
+    expect(page.locator("#status")).to_contain_text("Both answers came from v0001")
 
     # Roll back to base from the page.
     page.get_by_role("tab", name="Admin").click()
