@@ -36,7 +36,8 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     assert after["kl"] > 0, f"KL {after['kl']}: the policy's samples should be likelier under it"
     assert -1 <= after["reward_champion"] <= 1 and -1 <= after["reward_base"] <= 1
     assert after["reward_base"] == before["reward_base"]  # base's answers are sampled once
-    assert set(after["seconds"]) == {"collect", "train", "measure"}
+    assert set(after["seconds"]) == {"collect", "judge", "train", "measure"}
+    assert after["judge_pairs"] == 0 and after["seconds"].pop("judge") == 0  # immediate
     assert all(seconds > 0 for seconds in after["seconds"].values()), after["seconds"]
     assert [len(point["examples"]) for point in figures["points"]] == [2, 2]
     assert all(example["prompt"] for point in figures["points"] for example in point["examples"])
@@ -100,3 +101,22 @@ def test_bad_simulate_arguments_are_refused(tmp_path: Path, args: list[str],
     assert result.exit_code != 0
     assert message in result.output
     assert not (tmp_path / "d").exists()  # refused before anything started
+
+
+def test_with_promote_duel_the_last_candidate_is_judged_before_the_end(
+        tmp_path: Path, external_args: list[str]) -> None:
+    """The simulation collects more pairs until the gate has decided (here within a budget
+    of 6 duel votes), as ``prefloop serve`` waits for the verdict before its next round."""
+    report = tmp_path / "report"
+    result = CliRunner().invoke(main, [
+        "simulate", "--oracle", "random", "--rounds", "1", "--pairs-per-round", "8",
+        "--eval-prompts", "2", "--base-samples", "1", "--report", str(report),
+        "--data-dir", str(tmp_path / "data"), "--promote", "duel", "--max-duel-votes", "6",
+        "--duel-share", "1.0", "--baseline-share", "0", "--max-tokens", "16",
+        "--adapter-prefix", "simduel", *external_args])
+    assert result.exit_code == 0, result.output
+    after = json.loads((report / "report.json").read_text())["points"][-1]
+    [adapter] = after["adapters"]
+    assert adapter["state"] in ("champion", "rejected"), adapter  # decided, not pending
+    assert after["judge_pairs"] >= 6 and after["seconds"]["judge"] > 0
+    assert after["champion"] == ("v0001" if adapter["state"] == "champion" else "base")

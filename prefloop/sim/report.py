@@ -101,7 +101,7 @@ def _fmt(value: Any, spec: str) -> str:
 def measures(points: Sequence[dict]) -> list[str]:
     lines = ["| round | round status | champion | reward (champion) | reward (base) "
              "| win-rate vs base | W/L/ties/both bad | KL nats/answer | mean words "
-             "| seconds: collect / train / measure |",
+             "| seconds: collect / judge / train / measure |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(
@@ -187,7 +187,7 @@ def fates(points: Sequence[dict]) -> list[str]:
 
 def _phases(seconds: dict[str, float]) -> str:
     return " / ".join(f"{seconds[k]:.0f}" if k in seconds else "–"
-                      for k in ("collect", "train", "measure"))
+                      for k in ("collect", "judge", "train", "measure"))
 
 
 def _reason(adapter: dict) -> str:

@@ -99,16 +99,26 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
             votes = await _collect(service, plan, draw_voters(crowd, plan.pairs_per_round,
                                                               voter_rng), rng, bar)
             collected = time.monotonic()
+            judged = await _judge(service, plan, crowd, voter_rng, rng, bar, runtime, votes)
+            judging = time.monotonic() - collected
+            started = time.monotonic()
             round_id = await asyncio.to_thread(runtime.loop.run_round, "simulate")
+            training = time.monotonic() - started
+            if number == plan.rounds:  # the last candidate meets its duels too
+                started = time.monotonic()
+                judged += await _judge(service, plan, crowd, voter_rng, rng, bar, runtime,
+                                       votes)
+                judging += time.monotonic() - started
             trained = time.monotonic()
             row = runtime.store.round(round_id) if round_id else None
             point = await _measure(number, row, runtime, measure, oracle, plan, base_answers,
                                    bar)
+            point["judge_pairs"] = judged
             point["votes"] = dict(sum(votes.values(), Counter()))
             point["votes_by_kind"] = {kind: dict(counts) for kind, counts in votes.items()}
             point.update(await asyncio.to_thread(gate_snapshot, runtime.store, crowd))
             point["seconds"] = {"collect": round(collected - start, 1),
-                                "train": round(trained - collected, 1),
+                                "judge": round(judging, 1), "train": round(training, 1),
                                 "measure": round(time.monotonic() - trained, 1)}
             report["points"].append(point)
             log(_point_line(point))
@@ -119,6 +129,28 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
         await measure.close()
     write_report(report, report_dir)
     return report
+
+
+async def _judge(service: ChatService, plan: SimulationPlan, crowd: Sequence[Voter],
+                 voter_rng: random.Random, rng: random.Random, bar: tqdm, runtime: Runtime,
+                 votes: dict[str, Counter]) -> int:
+    """With ``promote = "duel"``: more pairs, a batch at a time, until the promotion test has
+    decided the candidate's fate (as ``prefloop serve`` waits before its next scheduled
+    round); it ends at the latest when the candidate's duel votes reach ``max_duel_votes``.
+    Returns the pairs it took (their votes are added to ``votes``)."""
+    settings = runtime.loop.settings
+    if settings.promote != "duel" or settings.duel_share == 0:
+        return 0
+    taken, batch = 0, max(plan.concurrency, 8)
+    cap = 4 * settings.max_duel_votes / settings.duel_share  # never reached unless stuck
+    while runtime.store.candidate() is not None and taken < cap:
+        bar.total += batch
+        more = await _collect(service, dataclasses.replace(plan, pairs_per_round=batch),
+                              draw_voters(crowd, batch, voter_rng), rng, bar)
+        for kind, counts in more.items():
+            votes.setdefault(kind, Counter()).update(counts)
+        taken += batch
+    return taken
 
 
 async def _collect(service: ChatService, plan: SimulationPlan, voters: Sequence[Voter],
