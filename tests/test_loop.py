@@ -194,7 +194,7 @@ def test_a_scheduled_round_waits_for_the_candidates_verdict(rig: LoopRig) -> Non
     assert status["waiting_for_verdict"] and status["candidate_duel_votes"] == 1
     assert "waits for the candidate's verdict (1 of at most 150" in \
         LoopHandlers(rig.loop, None).status_text()
-    for _ in range(5):  # five losses in a row: rejected
+    for _ in range(6):  # 1 win, 6 losses: 0.262 - 6 x 0.357 = -1.88 <= -1.558, rejected
         duel(rig, "v0001", "base", "b")
     assert rig.store.candidate() is None and not rig.loop.status()["waiting_for_verdict"]
     rig.loop.trainer_command = (sys.executable, "-c", "import sys; sys.exit('no trainer')")
