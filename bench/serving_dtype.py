@@ -5,8 +5,8 @@ answers the same 16 prompts with n=2 and 64 tokens (same seeds, ``ignore_eos`` s
 configuration decodes the same number of tokens), after one warm-up batch. Configurations:
 bf16 and fp32 with LoRA enabled (as prefloop serves), and fp32 without LoRA. ``--rehearse-avx2``
 runs vLLM with torch's and oneDNN's kernels held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``,
-``ONEDNN_MAX_CPU_ISA=AVX2``), an approximation of a CPU without AVX-512: vLLM's own C++
-kernels still use what the CPU has.
+``ONEDNN_MAX_CPU_ISA=AVX2``) and prefloop told the CPU has no native bf16, an approximation
+of a CPU without AVX-512: vLLM's own C++ kernels still use what the CPU has.
 
     .venv/bin/python bench/serving_dtype.py [--repeats 2] [--rehearse-avx2]
 """
@@ -25,7 +25,7 @@ from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_section  # noqa: E402
-from prefloop.hardware import cpu_flags, cpu_has_native_bf16  # noqa: E402
+from prefloop.hardware import NO_NATIVE_BF16_ENV, cpu_flags, cpu_has_native_bf16  # noqa: E402
 from prefloop.serving.models import prepare_model  # noqa: E402
 from prefloop.serving.vllm_server import VLLMServer  # noqa: E402
 
@@ -64,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rehearse_avx2:
         os.environ.update(AVX2_ENV)  # vLLM inherits it
+        os.environ[NO_NATIVE_BF16_ENV] = "1"  # what prefloop ships there: fp32
     model = prepare_model("embedded", Path(".cache/test/models"))
     work = Path(tempfile.mkdtemp(prefix="prefloop-dtype-"))
     rows = []
