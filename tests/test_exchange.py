@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from prefloop.cli import main
+from prefloop.loop.rounds import snapshot_pairs
 from prefloop.storage.exchange import (
     Preference,
     parse_hh,
@@ -17,6 +19,7 @@ from prefloop.storage.exchange import (
     to_trl,
 )
 from prefloop.storage.store import Answer, Store
+from prefloop.trainer.data import read_pairs
 
 CONTEXT = [{"role": "system", "content": "Be brief."},
            {"role": "user", "content": "Name a colour."}]
@@ -48,6 +51,18 @@ def test_votes_become_preferences(store: Store):
     assert got == [("Red.", "Blue."), ("Blue.", "Red."), ("Green.", "Red."),
                    ("Green.", "Blue."), ("Same.", "Other.")]
     assert all(p.prompt == CONTEXT for p in preferences(store))
+
+
+def test_a_vote_between_identical_answers_prefers_nothing(store: Store, tmp_path: Path):
+    """Two samples can coincide (short answers most often); a round's pairs file with such a
+    line would be refused by the trainer, so it never becomes a preference."""
+    voted(store, "a", a="Sure.", b="Sure.")
+    voted(store, "b", a="Sure.", b="Sure.")
+    voted(store, "a")
+    assert [(p.chosen, p.rejected) for p in preferences(store)] == [("Red.", "Blue.")]
+    snapshot = snapshot_pairs(store, tmp_path / "pairs.jsonl", 0, 100, 0.0, random.Random(0))
+    assert snapshot.pairs == 1
+    assert len(read_pairs(snapshot.path).pairs) == 1  # the trainer reads it as it is
 
 
 def test_since_filters_by_vote_time(store: Store):

@@ -56,8 +56,12 @@ def export_records(store: Store, fmt: str, since: str | None = None,
 
 def pair_preferences(row: dict) -> Iterator[Preference]:
     """The preferences one voted pair gives (a row of :meth:`Store.voted_pairs`): one for a
-    decisive vote, one per shown answer for a written answer, none for a tie or both-bad."""
+    decisive vote, one per shown answer for a written answer, none for a tie or both-bad,
+    and none for a decisive vote between two identical answers (two samples can coincide,
+    short ones most often: such a vote prefers nothing, and the trainer refuses it)."""
     prompt, a, b = row["context"], row["text_a"], row["text_b"]
+    if row["choice"] in ("a", "b") and a == b:
+        return
     if row["choice"] == "a":
         yield Preference(prompt, a, b)
     elif row["choice"] == "b":
