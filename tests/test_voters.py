@@ -39,6 +39,7 @@ from prefloop.storage.store import Answer, NotFound, Store
 
 HI = [{"role": "user", "content": "Say something."}]
 TEXT = "A reasonable answer that takes a few seconds to read, as most answers do. " * 2
+OTHER = TEXT.replace("reasonable", "acceptable")  # as long, not the same: a vote prefers one
 PASSWORD = "s3cret-pw"
 AUTH = {"Authorization": f"Bearer {PASSWORD}"}
 DEAD = "http://127.0.0.1:9"  # nothing listens there: no model server is needed
@@ -55,7 +56,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def cast(store: Store, client: str | None, choice: str, *, policies: tuple[str, str] =
-         ("base", "base"), seconds: float = 30.0, texts: tuple[str, str] = (TEXT, TEXT),
+         ("base", "base"), seconds: float = 30.0, texts: tuple[str, str] = (TEXT, OTHER),
          timings: tuple[float, float] | None = None) -> str:
     """One pair voted ``choice`` by ``client``, ``seconds`` after both answers were complete
     (``timings``: first token and total ms of the pair's streaming)."""
