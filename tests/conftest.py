@@ -34,6 +34,7 @@ ANSWER_TIMEOUT_MS = 300_000  # a pair of answers written by vLLM, shown in the p
 PROBE_PROMPTS = 4
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: two workers), every test marked slow or needing the
     session's vLLM runs on one worker, in file order: one vLLM for the session, and the
