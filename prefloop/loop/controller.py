@@ -26,8 +26,8 @@ from prefloop.loop.ratings import Duel, duel_score, fit_bradley_terry, leaderboa
 from prefloop.loop.rounds import (
     TRAINER,
     RoundFailed,
-    TrainerJob,
     remove_partial_adapters,
+    round_config,
     run_trainer,
     snapshot_pairs,
 )
@@ -297,12 +297,9 @@ class Loop:
         self.store.update_round(round_id, pairs=snapshot.pairs, new_pairs=snapshot.new_pairs,
                                 votes_until=snapshot.votes_until, parent=parent)
         out = s.adapters_dir / name
-        job = TrainerJob(
-            pairs=snapshot.path, out=out, model=self.base_model,
-            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]),
-            lr=s.train_lr, beta=s.train_beta, epochs=s.train_epochs, loss=s.train_loss,
-            threads=s.trainer_threads, seed=round_id, batch_size=s.train_batch_size,
-            lora_rank=s.train_lora_rank)
+        job = round_config(
+            s, pairs=snapshot.path, out=out, model=self.base_model, seed=round_id,
+            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]))
         last_saved = [0.0]
 
         def on_event(event: dict[str, Any]) -> None:
