@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop.atomic import temporary_prefix
 from prefloop.config import Settings, setting_fields
 from prefloop.serving.vllm_server import die_with_parent
 from prefloop.storage.exchange import Preference, pair_preferences, to_trl
@@ -120,7 +121,7 @@ def remove_partial_adapters(adapters_dir: Path, name: str = "v*") -> list[str]:
     (``.vNNNN.tmp-*``); finished adapters are renamed into place, so they are never here."""
     removed = []
     if adapters_dir.is_dir():
-        for partial in adapters_dir.glob(f".{name}.tmp-*"):
+        for partial in adapters_dir.glob(temporary_prefix(Path(name)) + "*"):
             shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial.name)
     return removed
