@@ -159,12 +159,11 @@ class ChatService:
         if choice == "written" and answer is None:
             raise InputError("choice 'written' needs the answer text")
         _check_id(pair_id, "pair")
-        pair_conversation, owner = self.store.pair_owner(pair_id)  # NotFound
-        _check_owner(owner, client, "pair")
-        if conversation_id is not None and conversation_id != pair_conversation:
+        pair = self.store.pair(pair_id)  # NotFound; read once for the whole vote
+        _check_owner(pair["owner"], client, "pair")
+        if conversation_id is not None and conversation_id != pair["conversation_id"]:
             raise Conflict(f"pair {pair_id} belongs to another conversation")
-        row = self.store.vote(pair_id, choice, answer, client and client.id)
-        pair = self.store.pair(pair_id)
+        row = self.store.vote(pair, choice, answer, client and client.id)
         decision = None
         if self.loop is not None:
             try:

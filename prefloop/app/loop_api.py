@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from prefloop.app.chat import InputError
 from prefloop.app.guard import CLIENT_ID, Guard
 from prefloop.loop.controller import Loop, LoopError, check_policy_name
+from prefloop.loop.reports import round_summaries
 from prefloop.storage.store import Conflict, Store
 
 
@@ -63,35 +64,6 @@ def _check_password(request: Request, password: str) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def round_summaries(store: Store, limit: int) -> list[dict[str, Any]]:
-    """The latest rounds, newest first, each with what became of its adapter."""
-    adapters = {a["name"]: a for a in store.adapters()}
-    return [round_summary(r, adapters.get(r["adapter"])) for r in store.rounds(limit)]
-
-
-def round_summary(row: dict[str, Any], adapter: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A round without the per-step detail of its metrics (kept: losses per step), and its
-    adapter's state and the reason for it (promoted, rejected, rolled back: the gate's
-    evidence)."""
-    metrics = row.get("metrics") or {}
-    steps = metrics.get("steps") or []
-    return {key: row[key] for key in ("id", "trigger", "status", "started_at", "ended_at",
-                                      "pairs", "new_pairs", "parent", "adapter", "error")} | {
-        "adapter_state": adapter["state"] if adapter else None,
-        "adapter_reason": adapter["reason"] if adapter else None,
-        "progress": row.get("progress") or None,
-        "losses": [step["loss"] for step in steps],
-        "held_out": metrics.get("held_out"),
-        "seconds": (metrics.get("seconds") or {}).get("total"),
-        "kl": kl_summary(row.get("kl")),
-    }
-
-
-def kl_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The KL probe's report on a round without its answers (``GET /api/v1/rounds``)."""
-    return None if report is None else {k: v for k, v in report.items() if k != "samples"}
-
-
 def loop_routers(loop: Loop, password: str | None,
                  guard: Guard | None = None) -> list[APIRouter]:
     router = APIRouter(prefix="/api/v1", tags=["loop"])
@@ -116,13 +88,13 @@ def loop_routers(loop: Loop, password: str | None,
     def leaderboard() -> dict[str, Any]:
         """Bradley-Terry ratings (Elo scale, base = 1000) over all duel votes, with 95%
         bootstrap intervals, win-rate against base and vote counts."""
-        return {"standings": loop.leaderboard(), "over_time": loop.ratings_over_time()}
+        return {"standings": loop.reports.leaderboard(),
+                "over_time": loop.reports.ratings_over_time()}
 
     @router.get("/stats")
     def stats() -> dict[str, Any]:
         """Counts, votes by choice and per hour, and what the loop is doing."""
-        return {"counts": store.counts(), "votes_by_choice": store.votes_by_choice(),
-                "votes_per_hour": store.votes_per_hour(), "loop": loop.status()}
+        return loop.reports.stats()
 
     @admin.post("/rounds")
     def start_round() -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The online loop inside ``prefloop serve``: rounds on a schedule, hot-swap, promotion.
 
-:class:`Loop` owns the decisions; the store keeps every state that must survive a restart
-(rounds, adapters, champion, paused), the adapter pool what vLLM has loaded. Rounds run in a
-worker thread (the trainer itself is a subprocess), one at a time.
+:class:`Loop` owns the decisions (``loop/reports.py`` shows them); the store keeps every
+state that must survive a restart (rounds, adapters, champion, paused), the adapter pool what
+vLLM has loaded. Rounds run in a worker thread (the trainer itself is a subprocess), one at a
+time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prefloop.config import Settings
 from prefloop.loop.duels import TurnPlan, plan_turn
 from prefloop.loop.gate import GateConfig, Outcome, decide, tally
-from prefloop.loop.ratings import Duel, duel_score, fit_bradley_terry, leaderboard
+from prefloop.loop.ratings import duels_of, fit_bradley_terry
+from prefloop.loop.reports import Reports
 from prefloop.loop.rounds import (
     TRAINER,
     RoundFailed,
@@ -68,6 +70,7 @@ class Loop:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self.reports = Reports(self)  # the read side: leaderboard, stats, status
         self.kl_probe = None if settings.kl_probe_prompts == 0 else KLProbe(
             pool.endpoint, prompts=settings.kl_probe_prompts, max_tokens=settings.max_tokens,
             system_prompt=settings.system_prompt, model_name=pool.served_name)
@@ -143,8 +146,8 @@ class Loop:
             return None
         sides = {pair["policy_a"], pair["policy_b"]}
         with self._decide_lock:
-            champion, candidate = self.store.champion(), self.store.candidate()
-            if candidate is not None and sides == {candidate, champion}:
+            champion, candidate = self.store.champion(), self.store.candidate_adapter()
+            if candidate is not None and sides == {candidate["name"], champion}:
                 return self._judge_candidate(candidate, champion)
             if champion != BASE and sides == {champion, BASE}:
                 return self._guard_champion(champion)
@@ -156,10 +159,11 @@ class Loop:
         return GateConfig(s.promote_false_rate, s.promote_effect, s.promote_miss_rate,
                           s.max_duel_votes)
 
-    def _judge_candidate(self, candidate: str, champion: str) -> str | None:
+    def _judge_candidate(self, adapter: dict[str, Any], champion: str) -> str | None:
         """The promotion test on the candidate's duels with the current champion."""
-        since = self.store.adapter(candidate)["created_at"]
-        votes = self.store.duel_votes(between=(candidate, champion), since=since)
+        candidate = adapter["name"]
+        votes = self.store.duel_votes(between=(candidate, champion),
+                                      since=adapter["created_at"])
         decision = decide(tally(votes, candidate, champion), self.gate)
         summary = decision.summary(candidate, champion)
         if decision.outcome == Outcome.PROMOTE:
@@ -202,7 +206,7 @@ class Loop:
                    if a["state"] == "retired" and a["name"] != champion}
         if not earlier:
             return BASE
-        ratings = fit_bradley_terry([d for d, _ in self.duels()])
+        ratings = fit_bradley_terry(duels_of(self.store.duel_votes()))
         return max([BASE, *earlier], key=lambda p: (ratings.get(p, -math.inf), p == BASE))
 
     # -- rounds -----------------------------------------------------------------------------
@@ -220,14 +224,6 @@ class Loop:
         scheduled round waits for the verdict, or it would supersede the candidate untested
         (the test needs tens of duel votes; a round needs only ``min_new_pairs`` votes)."""
         return self.settings.promote == "duel" and self.store.candidate() is not None
-
-    def candidate_duel_votes(self) -> int:
-        """Duel votes the candidate has had against the current champion."""
-        candidate = self.store.candidate()
-        if candidate is None:
-            return 0
-        return len(self.store.duel_votes(between=(candidate, self.store.champion()),
-                                         since=self.store.adapter(candidate)["created_at"]))
 
     def tick(self) -> int | None:
         """The scheduled check: run a round when enough new trainable votes exist and no
@@ -408,49 +404,3 @@ class Loop:
         them."""
         keep = {self.store.champion(), self.store.candidate() or BASE}
         self.pool.prune(keep)
-
-    # -- reports ----------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        running = next((r for r in self.store.rounds(limit=5) if r["status"] == "running"),
-                       None)
-        return {"state": "training" if running else "paused" if self.paused else "running",
-                "champion": self.store.champion(), "candidate": self.store.candidate(),
-                "round": running, "loaded": sorted(self.pool.loaded),
-                "new_trainable_votes": self.store.count_trainable(
-                    self.store.last_trained_vote()),
-                "min_new_pairs": self.settings.min_new_pairs,
-                "train_every_minutes": self.settings.train_every,
-                "promote": self.settings.promote,
-                "candidate_duel_votes": self.candidate_duel_votes(),
-                "max_duel_votes": self.settings.max_duel_votes,
-                "waiting_for_verdict": self.judging()}
-
-    def duels(self) -> list[tuple[Duel, str]]:
-        """Every duel result with the time of its vote."""
-        out = []
-        for row in self.store.duel_votes():
-            score = duel_score(row["choice"])
-            if score is not None:
-                out.append((Duel(row["policy_a"], row["policy_b"], score), row["voted_at"]))
-        return out
-
-    def leaderboard(self) -> list[dict[str, Any]]:
-        duels = [d for d, _ in self.duels()]
-        states = {a["name"]: a["state"] for a in self.store.adapters()}
-        states[BASE] = "champion" if self.store.champion() == BASE else "base"
-        kl = {a["name"]: a["kl_per_token"] for a in self.store.adapters()} | {BASE: 0.0}
-        return [{**vars(s), "state": states.get(s.policy, ""), "kl_per_token": kl.get(s.policy)}
-                for s in leaderboard(duels, resamples=self.settings.rating_resamples)]
-
-    def ratings_over_time(self, points: int = 20) -> list[dict[str, Any]]:
-        """Ratings refitted on the first k duel votes, for ``points`` values of k."""
-        duels = self.duels()
-        if not duels:
-            return []
-        rows = []
-        for k in sorted({max(1, round(len(duels) * i / points)) for i in range(1, points + 1)}):
-            for policy, rating in fit_bradley_terry([d for d, _ in duels[:k]]).items():
-                rows.append({"duel_votes": k, "voted_at": duels[k - 1][1], "policy": policy,
-                             "rating": rating})
-        return rows

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +58,13 @@ def duel_score(choice: str) -> float | None:
         raise ValueError(f"unknown vote choice {choice!r}: expected one of "
                          f"{', '.join(SCORES)} or written")
     return SCORES[choice]
+
+
+def duels_of(votes: Iterable[Mapping[str, str]]) -> list[Duel]:
+    """The duel results among vote rows (``policy_a``, ``policy_b``, ``choice``), in order;
+    written answers are none (:func:`duel_score`)."""
+    return [Duel(row["policy_a"], row["policy_b"], score) for row in votes
+            if (score := duel_score(row["choice"])) is not None]
 
 
 def fit_bradley_terry(duels: Sequence[Duel], anchor: str = "base", anchor_rating: float = 1000.0,
