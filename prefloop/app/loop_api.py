@@ -13,9 +13,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from prefloop.app.chat import InputError
-from prefloop.app.guard import CLIENT_ID, Guard
+from prefloop.app.guard import Guard
 from prefloop.loop.controller import Loop, LoopError, check_policy_name
 from prefloop.loop.reports import round_summaries
+from prefloop.names import is_hex_id
 from prefloop.storage.store import Conflict, Store
 
 
@@ -24,9 +25,18 @@ class PromoteRequest(BaseModel):
     policy: StrictStr
 
 
-def password_matches(given: str, password: str) -> bool:
-    """Constant-time comparison, so response times say nothing about the password."""
-    return hmac.compare_digest(given.encode("utf-8"), password.encode("utf-8"))
+def password_matches(given: str | bytes, password: str) -> bool:
+    """The one admin password check (API and page): constant time, so response times say
+    nothing about the password. Text is compared as UTF-8; bytes (a header as the client sent
+    it) as they are, so a non-ASCII password typed in a UTF-8 terminal matches."""
+    sent = given if isinstance(given, bytes) else _utf8(given)
+    return hmac.compare_digest(sent, _utf8(password))
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: text from a page or the environment may hold lone surrogates; such a
+    # password is compared, never a reason for a 500.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def admin_guard(password: str | None, guard: Guard | None = None):
@@ -56,10 +66,8 @@ def _check_password(request: Request, password: str) -> None:
     if scheme.lower() != "bearer" or not given:
         raise HTTPException(401, "admin actions need 'Authorization: Bearer <password>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    # Starlette decodes header bytes as latin-1; compare the bytes the client sent with
-    # the password's UTF-8, so a non-ASCII password sent as UTF-8 matches.
-    if not hmac.compare_digest(given.encode("latin-1", "replace"),
-                               password.encode("utf-8")):
+    # Starlette decodes header bytes as latin-1: encoding back gives the bytes as sent.
+    if not password_matches(given.encode("latin-1", "replace"), password):
         raise HTTPException(401, "wrong admin password",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -134,7 +142,7 @@ def loop_routers(loop: Loop, password: str | None,
 
 def check_client_id(client_id: str) -> str:
     """A client id as the ``prefloop_client`` cookie holds it (32 lowercase hex digits)."""
-    if not CLIENT_ID.fullmatch(client_id):
+    if not is_hex_id(client_id):
         raise InputError("a client id is 32 lowercase hex digits (the prefloop_client "
                          "cookie); take it from GET /api/v1/admin/clients/flagged")
     return client_id

@@ -16,11 +16,11 @@ import gradio as gr
 import pandas as pd
 from gradio.context import get_render_context
 
-from prefloop.app.guard import CLIENT_ID, Guard
+from prefloop.app.guard import Guard
 from prefloop.app.loop_api import password_matches
 from prefloop.loop.controller import Loop, LoopError
 from prefloop.loop.reports import round_summaries
-from prefloop.serving.adapters import BASE
+from prefloop.names import BASE, is_hex_id
 from prefloop.storage.store import NotFound, StoreError
 
 TRAINING_TAB = "Training"
@@ -262,7 +262,7 @@ class LoopHandlers:
         if (refusal := self.admin_refusal(password, host)) is not None:
             return FlaggedView(refusal, pd.DataFrame(columns=FLAGGED_COLUMNS), [])
         client_id = (client_id or "").strip()
-        if not CLIENT_ID.fullmatch(client_id):
+        if not is_hex_id(client_id):
             done = "⚠️ Choose a flagged client (32 hex digits) to clear."
         else:
             try:
