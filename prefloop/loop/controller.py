@@ -114,12 +114,19 @@ class Loop:
         self._scheduler.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the schedule and a running round (its trainer is killed, the round failed)."""
+        """Stop the schedule and a running round (its trainer is killed, the round failed),
+        and return once they have ended: the store may be closed next, and a round records
+        its end in it."""
         self._stop.set()
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            # Waits for the jobs running now; a scheduled round among them sees the stop
+            # event, so it ends as soon as its trainer is killed.
+            self._scheduler.shutdown(wait=True)
         if self._worker is not None:
             self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.error("round thread %s still runs %g s after the stop; it may fail to "
+                          "record its end", self._worker.name, timeout)
 
     # -- turns and votes --------------------------------------------------------------------
 
