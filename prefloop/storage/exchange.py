@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefloop.atomic import atomic_path
+from prefloop.names import Choice
 from prefloop.storage.store import Store
 
 FORMATS = ("trl", "hh")
@@ -68,13 +69,13 @@ def pair_preferences(row: dict) -> Iterator[Preference]:
     and none for a decisive vote between two identical answers (two samples can coincide,
     short ones most often: such a vote prefers nothing, and the trainer refuses it)."""
     prompt, a, b = row["context"], row["text_a"], row["text_b"]
-    if row["choice"] in ("a", "b") and a == b:
+    if row["choice"] in (Choice.A, Choice.B) and a == b:
         return
-    if row["choice"] == "a":
+    if row["choice"] == Choice.A:
         yield Preference(prompt, a, b)
-    elif row["choice"] == "b":
+    elif row["choice"] == Choice.B:
         yield Preference(prompt, b, a)
-    elif row["choice"] == "written":
+    elif row["choice"] == Choice.WRITTEN:
         for shown in dict.fromkeys((a, b)):  # both, once each if they are equal
             if shown != row["answer"]:
                 yield Preference(prompt, row["answer"], shown)
