@@ -27,7 +27,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefloop.atomic import atomic_path
 from prefloop.hardware import cpu_has_native_bf16
-from prefloop.trainer.batch import Batch, completion_logps, make_batches
+from prefloop.trainer.batch import (
+    Batch,
+    HeadMismatch,
+    check_head,
+    completion_logps,
+    make_batches,
+)
 from prefloop.trainer.data import read_pairs
 from prefloop.trainer.loss import preference_loss
 from prefloop.trainer.settings import RoundConfig
@@ -71,6 +77,10 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
                                  config.batch_order)
     val_batches = make_batches(pairs, val_index, config.batch_size, rng, pad_id)
     model = load_policy(config, device, dtype)
+    try:  # before any work: a head prefloop gets wrong would train on wrong log-probs
+        check_head(model, (train_batches + val_batches)[0].to(device))
+    except HeadMismatch as exc:
+        raise RoundError(str(exc)) from None
     loaded = time.perf_counter()
 
     # bf16 autocast (where the CPU or GPU multiplies bf16 natively) covers the reference and
