@@ -75,7 +75,7 @@ def test_a_head_that_ignores_the_transform_is_refused(family: str,
     if family == "llama":
         assert check_head(model, batch) <= 1e-3
     else:
-        with pytest.raises(HeadMismatch, match=rf"\({family}\) differ"):
+        with pytest.raises(HeadMismatch, match=rf"\({family}, float32\) differ"):
             check_head(model, batch)
 
 
@@ -93,8 +93,8 @@ def test_an_unknown_logit_transform_is_refused_with_the_reason() -> None:
     model = ScaledLlama(LlamaConfig(**SIZES))
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(100.0)
-    with pytest.raises(HeadMismatch, match=r"\(llama\) differ from the model's own forward "
-                                           r"by up to .* nats per token"):
+    with pytest.raises(HeadMismatch, match=r"\(llama, float32\) differ from the model's own "
+                                           r"forward by .* nats per token on average"):
         check_head(model.train(), collate(PAIRS, [0], pad_id=0))
     assert model.training  # the check puts the model back in the mode it found it in
 
@@ -104,5 +104,5 @@ def test_attention_that_breaks_the_packed_row_is_refused() -> None:
     round loads models with sdpa, which reads it right): the check compares with each
     sequence alone, so it refuses that too."""
     config = Gemma2Config(**SIZES, head_dim=8, attn_implementation="eager")
-    with pytest.raises(HeadMismatch, match=r"\(gemma2\) differ"):
+    with pytest.raises(HeadMismatch, match=r"\(gemma2, float32\) differ"):
         check_head(tiny(config), collate(PAIRS, [0, 1], pad_id=0))
