@@ -30,10 +30,10 @@ from prefloop.app.loop_api import loop_routers  # noqa: E402
 from prefloop.config import Settings  # noqa: E402
 from prefloop.loop.controller import Loop  # noqa: E402
 from prefloop.loop.reports import Reports  # noqa: E402
-from prefloop.names import BASE  # noqa: E402
+from prefloop.names import BASE, new_id  # noqa: E402
 from prefloop.serving.adapters import AdapterPool  # noqa: E402
 from prefloop.serving.vllm_server import Endpoint  # noqa: E402
-from prefloop.storage.store import Store, new_id, now  # noqa: E402
+from prefloop.storage.store import Store, now  # noqa: E402
 
 STRENGTH = {BASE: 0.0, "v0001": 60.0, "v0002": 120.0, "v0003": 90.0}  # Elo points
 

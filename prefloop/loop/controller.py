@@ -34,7 +34,8 @@ from prefloop.loop.rounds import (
     snapshot_pairs,
 )
 from prefloop.loop.voters import review_client
-from prefloop.serving.adapters import BASE, AdapterError, AdapterPool, ServerUnreachable
+from prefloop.names import BASE, AdapterState, PairKind
+from prefloop.serving.adapters import AdapterError, AdapterPool, ServerUnreachable
 from prefloop.serving.kl_probe import KLProbe, KLProbeError, KLReport
 from prefloop.storage.store import Conflict, NotFound, Store
 
@@ -101,7 +102,8 @@ class Loop:
             try:
                 self.pool.load(candidate, Path(self.store.adapter(candidate)["path"]))
             except AdapterError as exc:
-                self.store.set_adapter_state(candidate, "rejected", f"vLLM refused it: {exc}")
+                self.store.set_adapter_state(candidate, AdapterState.REJECTED,
+                                             f"vLLM refused it: {exc}")
 
     def start(self) -> None:
         """Recover, then check for a round every ``train_every`` minutes."""
@@ -149,7 +151,7 @@ class Loop:
         ``reject``, ``exhausted`` or ``rollback`` when that happened."""
         if client_id is not None:
             review_client(self.store, client_id)
-        if pair.get("kind") != "duel":
+        if pair.get("kind") != PairKind.DUEL:
             return None
         sides = {pair["policy_a"], pair["policy_b"]}
         with self._decide_lock:
@@ -176,9 +178,9 @@ class Loop:
         if decision.outcome == Outcome.PROMOTE:
             self.store.crown(candidate, f"won its duels: {summary}")
         elif decision.outcome == Outcome.REJECT:
-            self.store.set_adapter_state(candidate, "rejected", f"no better: {summary}")
+            self.store.set_adapter_state(candidate, AdapterState.REJECTED, f"no better: {summary}")
         elif decision.outcome == Outcome.EXHAUSTED:
-            self.store.set_adapter_state(candidate, "rejected",
+            self.store.set_adapter_state(candidate, AdapterState.REJECTED,
                                          f"not shown better within the vote budget: {summary}")
         else:
             return None
@@ -202,7 +204,7 @@ class Loop:
                 successor, note = BASE, f" ({successor}, rated higher, could not be loaded)"
         reason = (f"rolled back to {successor}{note}: lost its duels against base: "
                   f"{decision.summary(BASE, champion)}")
-        self.store.crown(successor, reason, old_state="rolled_back")
+        self.store.crown(successor, reason, old_state=AdapterState.ROLLED_BACK)
         log.warning("champion %s %s", champion, reason)
         return "rollback"
 
@@ -210,7 +212,7 @@ class Loop:
         """``base`` or an earlier champion (never rolled back), whichever rates highest over
         all duel votes; ``base`` when no earlier champion rates above it."""
         earlier = {a["name"] for a in self.store.adapters()
-                   if a["state"] == "retired" and a["name"] != champion}
+                   if a["state"] == AdapterState.RETIRED and a["name"] != champion}
         if not earlier:
             return BASE
         ratings = fit_bradley_terry(duels_of(self.store.duel_votes()))
@@ -326,7 +328,7 @@ class Loop:
         # Measured before it is stored: only a stored candidate reaches visitors.
         kl, refused = (None, refused) if refused else self._check_kl(round_id, name)
         self.store.add_adapter(name, out, round_id, parent, *(
-            ("rejected", refused) if refused else ()),
+            (AdapterState.REJECTED, refused) if refused else ()),
             kl_per_token=kl.per_token if kl else None,
             kl_per_answer=kl.per_answer if kl else None)
         self.store.update_round(round_id, status="succeeded", adapter=name, metrics=metrics,
@@ -338,7 +340,7 @@ class Loop:
         if s.promote == "immediate":
             self.store.crown(name, "promote: immediate")
         for stale in self.store.candidate_other_than(name):
-            self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
+            self.store.set_adapter_state(stale, AdapterState.REJECTED, f"superseded by {name}")
         self.prune()
 
     def _check_kl(self, round_id: int, name: str) -> tuple[KLReport | None, str | None]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prefloop.names import BASE
+
 LN10 = math.log(10)
 SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 """Score of side a for each vote choice that is a duel result (``both_bad`` is a tie)."""
@@ -67,7 +69,7 @@ def duels_of(votes: Iterable[Mapping[str, str]]) -> list[Duel]:
             if (score := duel_score(row["choice"])) is not None]
 
 
-def fit_bradley_terry(duels: Sequence[Duel], anchor: str = "base", anchor_rating: float = 1000.0,
+def fit_bradley_terry(duels: Sequence[Duel], anchor: str = BASE, anchor_rating: float = 1000.0,
                       scale: float = 400.0, prior: float = 0.01, iterations: int = 100,
                       tol: float = 1e-6) -> dict[str, float]:
     """Maximum-likelihood Bradley-Terry ratings on the Elo scale, ties half a win each.
@@ -142,7 +144,7 @@ class Standing:
     votes_vs_base: int
 
 
-def leaderboard(duels: Sequence[Duel], anchor: str = "base", resamples: int = 100,
+def leaderboard(duels: Sequence[Duel], anchor: str = BASE, resamples: int = 100,
                 seed: int = 0) -> list[Standing]:
     """Every policy in ``duels`` with rating, 95% interval and counts, highest rating first."""
     ratings = fit_bradley_terry(duels, anchor=anchor)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prefloop.loop.ratings import Standing, duel_score, duels_of, fit_bradley_terry, leaderboard
-from prefloop.names import BASE
+from prefloop.names import BASE, AdapterState
 from prefloop.storage.store import Store
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class Reports:
         """Every policy in a duel: rating, 95% interval, counts, state and KL from base."""
         adapters = self.store.adapters()
         states = {a["name"]: a["state"] for a in adapters}
-        states[BASE] = "champion" if self.store.champion() == BASE else "base"
+        states[BASE] = AdapterState.CHAMPION if self.store.champion() == BASE else BASE
         kl = {a["name"]: a["kl_per_token"] for a in adapters} | {BASE: 0.0}
         return [{**vars(s), "state": states.get(s.policy, ""), "kl_per_token": kl.get(s.policy)}
                 for s in self.ratings().standings]

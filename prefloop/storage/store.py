@@ -12,7 +12,6 @@ import contextlib
 import json
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,10 +20,9 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from prefloop.names import BASE, CHOICES, AdapterState, PairKind, new_id
 from prefloop.storage.migrations import migrations
 
-CHOICES = ("a", "b", "tie", "both_bad", "written")
-"""Vote choices. ``written`` carries the person's own answer in ``answer``."""
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
 FLAGGED = "select client_id from client_flags where cleared_at is null"
 """Clients whose votes are held back (loop/voters.py) until an admin clears them."""
@@ -47,10 +45,6 @@ class Conflict(StoreError):
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -211,7 +205,7 @@ class Store:
     # -- pairs ----------------------------------------------------------------------------
 
     def add_pair(self, conversation_id: str, context: list[dict[str, str]], a: Answer,
-                 b: Answer, *, kind: str = "sample", dropped_messages: int = 0,
+                 b: Answer, *, kind: str = PairKind.SAMPLE, dropped_messages: int = 0,
                  sampling: dict[str, Any] | None = None, first_token_ms: float | None = None,
                  total_ms: float | None = None) -> str:
         """Store two answers to ``context`` (whose last message is the user's new turn)."""
@@ -546,7 +540,7 @@ class Store:
     # -- adapters and the champion --------------------------------------------------------
 
     def add_adapter(self, name: str, path: Path, round_id: int | None, parent: str,
-                    state: str = "candidate", reason: str | None = None, *,
+                    state: str = AdapterState.CANDIDATE, reason: str | None = None, *,
                     kl_per_token: float | None = None,
                     kl_per_answer: float | None = None) -> None:
         """Record a new adapter with its state and, when the KL probe measured it,
@@ -578,7 +572,7 @@ class Store:
 
     def champion(self) -> str:
         """The policy new turns come from: ``base`` or an adapter name."""
-        return self.get_state("champion") or "base"
+        return self.get_state("champion") or BASE
 
     def candidate(self) -> str | None:
         row = self.candidate_adapter()
@@ -596,20 +590,21 @@ class Store:
             return [r[0] for r in db.execute(
                 "select name from adapters where state = 'candidate' and name != ?", [name])]
 
-    def crown(self, policy: str, reason: str, old_state: str = "retired") -> str:
+    def crown(self, policy: str, reason: str, old_state: str = AdapterState.RETIRED) -> str:
         """Make ``policy`` (``base`` or an adapter) the champion in one transaction; the old
         champion adapter goes to ``old_state`` (``retired``, or ``rolled_back``). Returns
         the old champion."""
         with self._write():
-            if policy != "base":
+            if policy != BASE:
                 self.adapter(policy)
             old = self.champion()
             stamp = now()
-            if old != "base" and old != policy:
+            if old != BASE and old != policy:
                 self.db["adapters"].update(old, {"state": old_state, "state_at": stamp,
                                                  "reason": reason})
-            if policy != "base":
-                self.db["adapters"].update(policy, {"state": "champion", "state_at": stamp,
+            if policy != BASE:
+                self.db["adapters"].update(policy, {"state": AdapterState.CHAMPION,
+                                                    "state_at": stamp,
                                                     "reason": reason})
             self.db["loop_state"].upsert_all(
                 [{"key": "champion", "value": policy}, {"key": "champion_since", "value": stamp}],
