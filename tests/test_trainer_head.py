@@ -64,6 +64,22 @@ def test_log_probs_match_the_models_own_forward(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_weights_pass_and_a_missing_transform_still_shows(
+        family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With bf16 weights (a GPU round) the model's own head rounds its logits, so only the
+    mean difference is held; the families still pass, and a transform left out is still
+    refused."""
+    model = tiny(FAMILIES[family]()).to(torch.bfloat16)
+    batch = collate(PAIRS, [0, 1], pad_id=0)
+    assert check_head(model, batch) <= 0.05
+    monkeypatch.setattr(batch_module, "output_logits", lambda causal_lm, hidden:
+                        batch_module._head_logits(causal_lm.get_output_embeddings(), hidden))
+    if family != "llama":
+        with pytest.raises(HeadMismatch, match=rf"\({family}, bfloat16\) differ"):
+            check_head(model, batch)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_head_that_ignores_the_transform_is_refused(family: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The trainer as it was before it knew Cohere's and Granite's scales (and with Gemma 2's
