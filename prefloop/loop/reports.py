@@ -62,6 +62,8 @@ class Reports:
     def ratings(self) -> Ratings:
         """The fits over the duel votes that count now, refitted only when those changed."""
         with self._lock:
+            # The key first: a vote that lands before the votes are read makes the next
+            # request refit once more, and a stale fit is never kept.
             key = self.store.duel_votes_key()
             if self._cached is None or self._cached[0] != key:
                 self._cached = key, fit_ratings(self.store.duel_votes(),
