@@ -56,8 +56,10 @@ chromium:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prefloop tests bench
 
+# Two workers: the tests that need vLLM or train run in order on one (tests/conftest.py),
+# the quick ones on the other.
 test: $(STAMP) chromium lint
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=25
 
 # The suite as a 2-core AVX2-only machine (no native bf16) sees it, rehearsed on a bigger one:
 # torch and oneDNN held to AVX2 kernels, and prefloop told the CPU has no native bf16.

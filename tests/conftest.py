@@ -29,6 +29,19 @@ START_TIMEOUT = 600.0  # seconds for a vLLM or a `prefloop serve` to start
 ROUND_TIMEOUT = 1200.0  # seconds for a real training round, its swap and the answers after
 PAGE_TIMEOUT_MS = 60_000  # the page reacting to a click (a Gradio round trip)
 ANSWER_TIMEOUT_MS = 300_000  # a pair of answers written by vLLM, shown in the page
+# Prompts of the KL probe after a test's round (16 as shipped): scoring its answers twice is
+# most of a short round's time. tests/test_kl_probe.py and the `trained` loop use 16.
+PROBE_PROMPTS = 4
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: two workers), every test marked slow or needing the
+    session's vLLM runs on one worker, in file order: one vLLM for the session, and the
+    module-scoped servers and loops shared as without xdist; the quick tests run on the
+    other worker meanwhile (vLLM and the trainer leave a core mostly idle)."""
+    for item in items:
+        if item.get_closest_marker("slow") or "vllm_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("vllm"))
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str,
@@ -52,9 +65,13 @@ def models_dir() -> Path:
 @pytest.fixture(scope="session")
 def embedded_model(models_dir: Path) -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face folder."""
+    from filelock import FileLock
+
     from prefloop.serving.models import prepare_model
 
-    return prepare_model("embedded", models_dir, progress=lambda _: None)
+    # `make test` runs two pytest workers: the first to get here converts, the other waits.
+    with FileLock(models_dir / ".embedded.lock"):
+        return prepare_model("embedded", models_dir, progress=lambda _: None)
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +144,10 @@ class ServeProcess:
 @pytest.fixture(scope="session")
 def external_args(vllm_server, embedded_model: Path) -> list[str]:
     """CLI flags that point ``prefloop serve`` at the session's vLLM server (and at the
-    converted base model, which its trainer needs)."""
+    converted base model, which its trainer needs), with the tests' short KL probe."""
     endpoint = vllm_server.endpoint
     return ["--vllm-url", endpoint.url, "--vllm-api-key", endpoint.api_key,
-            "--model", str(embedded_model)]
+            "--model", str(embedded_model), "--kl-probe-prompts", str(PROBE_PROMPTS)]
 
 
 @pytest.fixture(scope="module")

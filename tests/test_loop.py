@@ -20,6 +20,7 @@ from prefloop.loop.reports import round_summaries
 from prefloop.serving.adapters import AdapterPool
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.storage.store import Answer, NotFound, Store
+from tests.conftest import PROBE_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ class LoopRig:
         settings = {"data_dir": data_dir, "min_new_pairs": 8, "train_lr": 5e-4,
                     "train_epochs": 2, "trainer_threads": 1, "max_tokens": 16,
                     "adapter_prefix": f"t{next(_prefixes)}", "rating_resamples": 20,
-                    } | overrides
+                    "kl_probe_prompts": PROBE_PROMPTS} | overrides
         self.settings = Settings(**settings)
         self.store = Store(self.settings.db_path)
         self.pool = AdapterPool(vllm_server.endpoint, model, self.settings.lora_max_rank,
@@ -83,7 +84,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, vllm_server,
             embedded_model: Path) -> Iterator[LoopRig]:
     """A loop that has run one real round on 16 votes (its candidate is v0001)."""
     rig = LoopRig(tmp_path_factory.mktemp("trained") / "data", vllm_server, embedded_model,
-                  train_batch_size=4, train_lora_rank=8)
+                  train_batch_size=4, train_lora_rank=8, kl_probe_prompts=16)
     vote_pairs(rig.store)
     rig.loop.run_round("admin")
     yield rig
