@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -143,7 +142,7 @@ def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
                    with_client_ids: bool) -> None:
     """Write the stored votes as preference pairs (ties and both-bad are left out; pairs
     voted by a flagged client are kept and marked "flagged_client": true)."""
-    from prefloop.storage.exchange import export_records
+    from prefloop.storage.exchange import write_export
     from prefloop.storage.store import Store
 
     if since is not None:
@@ -155,16 +154,9 @@ def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
     if not settings.db_path.exists():
         raise click.ClickException(f"no database at {settings.db_path}; check --data-dir")
     store = Store(settings.db_path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    count = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in export_records(store, fmt, since, with_client_ids):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, out)
+        count = write_export(store, out, fmt, since, with_client_ids)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         store.close()
@@ -179,13 +171,13 @@ def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
 @settings_options
 def import_command(settings: Settings, file: Path, fmt: str, skip_invalid: bool) -> None:
     """Seed the store with a preference file; pairs already stored are skipped."""
-    from prefloop.storage.exchange import import_preferences
+    from prefloop.storage.exchange import FileFormatError, import_preferences
     from prefloop.storage.store import Store
     from prefloop.trainer.data import PairsFileError
 
     try:
         prefs, skipped = read_preferences(file, fmt, skip_invalid)
-    except PairsFileError as exc:
+    except (PairsFileError, FileFormatError) as exc:
         raise click.ClickException(str(exc)) from None
     store = Store(settings.db_path)
     try:
@@ -197,35 +189,18 @@ def import_command(settings: Settings, file: Path, fmt: str, skip_invalid: bool)
 
 
 def read_preferences(file: Path, fmt: str, skip_invalid: bool) -> tuple[list, int]:
-    """Preferences from a TRL or HH file; a bad line raises PairsFileError naming it."""
-    from prefloop.storage.exchange import Preference, parse_hh
-    from prefloop.trainer.data import PairsFileError, read_pairs
+    """Preferences from a TRL or HH file; a bad line raises an error naming it."""
+    from prefloop.storage.exchange import Preference, read_hh
+    from prefloop.trainer.data import read_pairs
 
-    if fmt == "trl":
-        pairs = read_pairs(file, skip_invalid)
-        return [Preference([m.as_dict() for m in p.prompt], p.chosen, p.rejected)
-                for p in pairs.pairs], pairs.skipped
-    prefs, skipped = [], 0
-    for number, line in enumerate(file.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            prefs.append(parse_hh(json.loads(line)))
-        except (ValueError, UnicodeDecodeError) as exc:
-            if not skip_invalid:
-                raise PairsFileError(f"{file} line {number}: {exc} (use --skip-invalid to "
-                                     "skip bad lines)") from None
-            skipped += 1
-    if not prefs:
-        raise PairsFileError(f"{file} holds no valid HH records")
-    return prefs, skipped
+    if fmt == "hh":
+        return read_hh(file, skip_invalid)
+    pairs = read_pairs(file, skip_invalid)
+    return [Preference([m.as_dict() for m in p.prompt], p.chosen, p.rejected)
+            for p in pairs.pairs], pairs.skipped
 
 
 main.add_command(train_command)
-
-
-if __name__ == "__main__":
-    main()
 
 
 MIN_CHECKED_VOTES = min(CHECKS.min_decisive, CHECKS.min_timed, CHECKS.min_comparable)
@@ -284,7 +259,6 @@ def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round:
 
     Without --data-dir the simulation gets a fresh folder (never your own data folder).
     """
-    import dataclasses
     import tempfile
 
     from prefloop.config import _default_data_dir
@@ -322,3 +296,7 @@ def simulate(settings: Settings, oracle_spec: str, rounds: int, pairs_per_round:
     except (ModelError, VLLMError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"report: {report_dir / 'report.md'}")
+
+
+if __name__ == "__main__":  # after every command is registered
+    main()

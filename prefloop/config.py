@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.hardware import NO_NATIVE_BF16_ENV, SERVE_DTYPES
+from prefloop.trainer.settings import RoundConfig
 
 ENV_PREFIX = "PREFLOOP_"
 DEFAULT_CONFIG_FILE = "prefloop.toml"
@@ -34,10 +35,23 @@ def _default_data_dir() -> Path:
 
 def _setting(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
              choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
-    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "round": None}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+ROUND_FIELDS = {f.name: f for f in dataclasses.fields(RoundConfig)}
+
+
+def _knob(name: str, help: str, *, lo: float | None = None, hi: float | None = None,
+          default: Any = None) -> Any:
+    """A setting that sets the trainer's ``RoundConfig.<name>`` in every round of the loop:
+    the trainer's default and choices unless ``default`` is given."""
+    knob = ROUND_FIELDS[name]
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": knob.metadata["choices"],
+            "round": name}
+    return field(default=knob.default if default is None else default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -120,18 +134,19 @@ class Settings:
     max_duel_votes: int = _setting(150, "Duel votes (ties included) a candidate may take; "
                                         "one not shown better by then is not promoted.",
                                    lo=1, hi=1_000_000)
-    train_lr: float = _setting(1e-4, "Learning rate of a round.", lo=1e-8, hi=1.0)
-    train_beta: float = _setting(0.1, "DPO beta of a round.", lo=1e-4, hi=100.0)
-    train_epochs: int = _setting(2, "Passes over a round's pairs.", lo=1, hi=100)
-    train_batch_size: int = _setting(8, "Pairs per optimizer step (a round of 32 pairs makes "
-                                        "4 steps an epoch at 8).", lo=1, hi=4096)
-    train_lora_rank: int = _setting(16, "LoRA rank of a round's new adapter (alpha is twice "
-                                        "the rank; at most lora_max_rank). Later rounds keep "
-                                        "their parent's rank.", lo=1, hi=512)
-    train_loss: str = _setting("sigmoid", "DPO loss of a round.",
-                               choices=("sigmoid", "cdpo", "ipo", "hinge", "robust"))
-    trainer_threads: int = _setting(1, "CPU threads of the trainer (0: one per core).",
-                                    lo=0, hi=1024)
+    # The loop's training knobs: each sets the RoundConfig field named first (its default
+    # and allowed values come from there unless given here); see loop.rounds.round_config.
+    train_lr: float = _knob("lr", "Learning rate of a round.", lo=1e-8, hi=1.0)
+    train_beta: float = _knob("beta", "DPO beta of a round.", lo=1e-4, hi=100.0)
+    train_epochs: int = _knob("epochs", "Passes over a round's pairs.", lo=1, hi=100, default=2)
+    train_batch_size: int = _knob("batch_size", "Pairs per optimizer step (a round of 32 pairs "
+                                                "makes 4 steps an epoch at 8).", lo=1, hi=4096)
+    train_lora_rank: int = _knob("lora_r", "LoRA rank of a round's new adapter (alpha is twice "
+                                           "the rank; at most lora_max_rank). Later rounds keep "
+                                           "their parent's rank.", lo=1, hi=512)
+    train_loss: str = _knob("loss", "DPO loss of a round.")
+    trainer_threads: int = _knob("threads", "CPU threads of the trainer (0: one per core).",
+                                 lo=0, hi=1024, default=1)
     trainer_timeout: float = _setting(3600.0, "Seconds a round may train before it is "
                                               "stopped and failed.", lo=1, hi=7 * 86400)
     max_kl: float = _setting(

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from prefloop.serving.adapters import AdapterError, check_adapter, check_safetensors
+from prefloop.serving.adapters import AdapterError, AdapterPool, check_adapter, check_safetensors
+from prefloop.serving.vllm_server import Endpoint
 
 
 @pytest.fixture
@@ -56,3 +58,51 @@ def test_bad_tensor_entries_are_refused(adapter: Path, tmp_path: Path) -> None:
         len(header).to_bytes(8, "little") + header + b"\0" * 4)
     with pytest.raises(AdapterError, match="bad tensor entries"):
         check_adapter(adapter, tmp_path / "base", 16)
+
+
+class FakeVLLM:
+    """vLLM's adapter endpoints as a fake at the process boundary: a name already loaded is
+    refused with an error text that says nothing of it (the pool must ask /v1/models)."""
+
+    def __init__(self, loaded: set[str]) -> None:
+        self.loaded = set(loaded)
+        self.calls: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(request.url.path)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": n} for n in ["base", *self.loaded]]})
+        name = json.loads(request.content)["lora_name"]
+        if request.url.path == "/v1/unload_lora_adapter":
+            self.loaded.discard(name)
+            return httpx.Response(200, text="ok")
+        if name in self.loaded or name.endswith("bad"):
+            return httpx.Response(400, json={"error": {"message": "refused"}})
+        self.loaded.add(name)
+        return httpx.Response(200, text="ok")
+
+
+def _pool(fake: FakeVLLM, base: Path) -> AdapterPool:
+    pool = AdapterPool(Endpoint("http://vllm.test", "key"), base, 16)
+    pool._client = httpx.Client(base_url="http://vllm.test", transport=httpx.MockTransport(fake))
+    return pool
+
+
+def test_an_adapter_left_loaded_in_an_outside_vllm_is_loaded_afresh(adapter: Path,
+                                                                   tmp_path: Path) -> None:
+    fake = FakeVLLM({"prefloop-v0001"})
+    pool = _pool(fake, tmp_path / "base")
+    pool.load("v0001", adapter)
+    assert pool.is_ready("v0001")
+    assert fake.calls == ["/v1/load_lora_adapter", "/v1/models", "/v1/unload_lora_adapter",
+                          "/v1/load_lora_adapter"]
+
+
+def test_a_refused_adapter_that_is_not_loaded_stays_refused(adapter: Path,
+                                                            tmp_path: Path) -> None:
+    fake = FakeVLLM(set())
+    pool = _pool(fake, tmp_path / "base")
+    with pytest.raises(AdapterError, match="refused prefloop-vbad"):
+        pool.load("vbad", adapter)
+    assert not pool.is_ready("vbad")
+    assert fake.calls == ["/v1/load_lora_adapter", "/v1/models"]

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from prefloop.app.chat import ChatService, InputError, clean_text
+from prefloop.app.chat import ChatService, InputError, clean_text, stored_answer
 from prefloop.app.guard import Client
 from prefloop.config import Settings
+from prefloop.serving.context import with_system_prompt
+from prefloop.serving.sampler import Side
 from prefloop.storage.store import Answer, Conflict, NotFound, Store
 
 A = Answer("base", "Answer A", seed=1)
@@ -205,3 +207,17 @@ def test_second_vote_is_conflict(service: ChatService, store: Store) -> None:
     with pytest.raises(Conflict):
         service.vote(pair_id, "a")
     assert store.vote_of(pair_id)["choice"] == "b"
+
+
+def test_a_finished_side_is_stored_as_it_streamed() -> None:
+    side = Side("v0002", 7, "Hello.", "stop", 3)
+    assert stored_answer(side) == Answer("v0002", "Hello.", 7, "stop", 3)
+    assert stored_answer(Side("base", 8)) == Answer("base", "", 8, None, None)
+
+
+def test_the_system_prompt_goes_first_when_there_is_one() -> None:
+    hi = [{"role": "user", "content": "Hi"}]
+    assert with_system_prompt("", hi) == hi
+    assert with_system_prompt("Be brief.", hi) == [{"role": "system", "content": "Be brief."},
+                                                   *hi]
+    assert hi == [{"role": "user", "content": "Hi"}]  # not changed in place

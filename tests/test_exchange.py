@@ -13,8 +13,8 @@ from prefloop.cli import main
 from prefloop.loop.rounds import snapshot_pairs
 from prefloop.storage.exchange import (
     Preference,
+    pair_preferences,
     parse_hh,
-    preferences,
     to_hh,
     to_trl,
 )
@@ -31,6 +31,11 @@ def voted(store: Store, choice: str, answer: str | None = None, a: str = "Red.",
     pair_id = store.add_pair(conversation, CONTEXT, Answer("base", a, 1), Answer("base", b, 2))
     store.vote(pair_id, choice, answer)
     return pair_id
+
+
+def preferences(store: Store, since: str | None = None) -> list[Preference]:
+    """The stored votes as preferences, oldest vote first (as export and rounds see them)."""
+    return [pref for row in store.voted_pairs(since) for pref in pair_preferences(row)]
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from prefloop.app.chat import ChatService
-from prefloop.app.loop_api import round_summaries
 from prefloop.app.loop_tabs import LoopHandlers
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop, LoopError
+from prefloop.loop.reports import round_summaries
 from prefloop.serving.adapters import AdapterPool
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.storage.store import Answer, NotFound, Store
@@ -191,13 +191,14 @@ def test_a_scheduled_round_waits_for_the_candidates_verdict(rig: LoopRig) -> Non
     vote_pairs(rig.store, 8)  # enough new votes for a round (min_new_pairs 8)
     duel(rig, "v0001", "base", "a")
     assert rig.loop.tick() is None and rig.store.rounds() == []
-    status = rig.loop.status()
+    status = rig.loop.reports.status()
     assert status["waiting_for_verdict"] and status["candidate_duel_votes"] == 1
     assert "waits for the candidate's verdict (1 of at most 150" in \
         LoopHandlers(rig.loop, None).status_text()
     for _ in range(6):  # 1 win, 6 losses: 0.262 - 6 x 0.357 = -1.88 <= -1.558, rejected
         duel(rig, "v0001", "base", "b")
-    assert rig.store.candidate() is None and not rig.loop.status()["waiting_for_verdict"]
+    assert (rig.store.candidate() is None
+            and not rig.loop.reports.status()["waiting_for_verdict"])
     rig.loop.trainer_command = (sys.executable, "-c", "import sys; sys.exit('no trainer')")
     assert rig.loop.tick() is not None  # now the schedule trains again
     assert rig.store.rounds()[0]["trigger"] == "schedule"

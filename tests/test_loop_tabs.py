@@ -14,6 +14,7 @@ from gradio.events import EventData
 from gradio.state_holder import SessionState
 
 from prefloop.app.guard import Guard
+from prefloop.app.loop_api import password_matches
 from prefloop.app.loop_tabs import (
     NO_DUELS,
     NO_ROUNDS,
@@ -335,3 +336,19 @@ def test_wrong_admin_passwords_on_the_page_are_slowed_too(loop: Loop) -> None:
     assert not loop.paused
     # Another address is not held back.
     assert handlers.admin_action("pause", PASSWORD, host="198.51.100.1").startswith("✅")
+
+
+def test_a_non_ascii_password_works_on_the_page_as_in_the_api(loop: Loop) -> None:
+    """One check for both paths: the page compares the typed text as UTF-8, the API the
+    header's bytes as sent (tests/test_loop_api.py sends the same password as UTF-8)."""
+    password = "pässwörd-✓"
+    handlers = LoopHandlers(loop, password)
+    for given in ("pässwörd-✗", "pässwörd", "passwOrd-✓", password + " ", "\udcff"):
+        assert handlers.admin_action("pause", given) == WRONG_PASSWORD, given
+    assert not loop.paused
+    assert handlers.admin_action("pause", password).startswith("✅")
+    assert loop.paused
+    assert password_matches(password, password)
+    assert password_matches(password.encode("utf-8"), password)
+    assert not password_matches(password.encode("latin-1", "replace"), password)
+    assert not password_matches(password.encode("utf-16"), password)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from prefloop.app.guard import CLIENT_ID
+from prefloop.names import is_hex_id
 from prefloop.sim.crowd import (
     NoiseError,
     crowd_sizes,
@@ -597,7 +597,7 @@ def test_a_crowd_is_the_same_for_a_seed_and_votes_by_kind():
     again = make_crowd(oracle, {"random": 0.25, "side": 0.25, "fast": 0.25}, 8, seed=3)
     assert [(v.client_id, v.kind) for v in crowd] == [(v.client_id, v.kind) for v in again]
     assert Counter(v.kind for v in crowd) == {"honest": 2, "random": 2, "side": 2, "fast": 2}
-    assert all(CLIENT_ID.fullmatch(v.client_id) for v in crowd)  # like the cookie ids
+    assert all(is_hex_id(v.client_id) for v in crowd)  # like the cookie ids
     assert len({v.client_id for v in crowd}) == 8
     other = make_crowd(oracle, {"random": 0.25, "side": 0.25, "fast": 0.25}, 8, seed=4)
     assert not {v.client_id for v in crowd} & {v.client_id for v in other}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import re
 import unicodedata
 from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
@@ -14,7 +14,9 @@ from prefloop.app.guard import COOKIE, Client, Guard
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop
 from prefloop.loop.duels import TurnPlan
-from prefloop.serving.sampler import PairProgress, PairSampler
+from prefloop.names import BASE, PairKind, is_hex_id
+from prefloop.serving.context import with_system_prompt
+from prefloop.serving.sampler import PairProgress, PairSampler, Side
 from prefloop.storage.store import CHOICES, Answer, Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,14 @@ class Turn:
 
     conversation_id: str | None
     progress: PairProgress
-    kind: str = "sample"  # "duel": two policies, named to the voter only after the vote
+    kind: str = PairKind.SAMPLE  # duel: two policies, named to the voter only after the vote
     pair_id: str | None = None  # set on the last snapshot, once the pair is stored
+
+
+def stored_answer(side: Side) -> Answer:
+    """A finished answer as the store keeps it (the same fields: a new one on ``Side``
+    fails here, not silently)."""
+    return Answer(**dataclasses.asdict(side))
 
 
 def clean_text(text: object, what: str, limit: int) -> str:
@@ -104,7 +112,7 @@ class ChatService:
                    if conversation_id else [])
         history.append({"role": "user", "content": text})
         plan = (await asyncio.to_thread(self.loop.plan_turn) if self.loop
-                else TurnPlan("sample", "base", "base"))
+                else TurnPlan(PairKind.SAMPLE, BASE, BASE))
         final: PairProgress | None = None
         with self.loop.pool.using(plan.policy_a, plan.policy_b) if self.loop else nullcontext():
             async for progress in self.sampler.stream(history, plan.policy_a, plan.policy_b,
@@ -117,14 +125,10 @@ class ChatService:
                                                       client and client.id)
         # The stored context is the conversation as the person sees it (not cut short);
         # dropped_messages says how much of it the model did not see.
-        context = ([{"role": "system", "content": self.settings.system_prompt}]
-                   if self.settings.system_prompt else []) + history
+        context = with_system_prompt(self.settings.system_prompt, history)
         pair_id = await asyncio.to_thread(
-            self.store.add_pair, conversation_id, context,
-            Answer(final.a.policy, final.a.text, final.a.seed, final.a.finish_reason,
-                   final.a.tokens),
-            Answer(final.b.policy, final.b.text, final.b.seed, final.b.finish_reason,
-                   final.b.tokens), kind=plan.kind,
+            self.store.add_pair, conversation_id, context, stored_answer(final.a),
+            stored_answer(final.b), kind=plan.kind,
             dropped_messages=final.dropped_messages, sampling=self.sampler.sampling.as_dict(),
             first_token_ms=final.first_token_ms, total_ms=final.total_ms)
         for observe in self.on_pair:
@@ -159,12 +163,11 @@ class ChatService:
         if choice == "written" and answer is None:
             raise InputError("choice 'written' needs the answer text")
         _check_id(pair_id, "pair")
-        pair_conversation, owner = self.store.pair_owner(pair_id)  # NotFound
-        _check_owner(owner, client, "pair")
-        if conversation_id is not None and conversation_id != pair_conversation:
+        pair = self.store.pair(pair_id)  # NotFound; read once for the whole vote
+        _check_owner(pair["owner"], client, "pair")
+        if conversation_id is not None and conversation_id != pair["conversation_id"]:
             raise Conflict(f"pair {pair_id} belongs to another conversation")
-        row = self.store.vote(pair_id, choice, answer, client and client.id)
-        pair = self.store.pair(pair_id)
+        row = self.store.vote(pair, choice, answer, client and client.id)
         decision = None
         if self.loop is not None:
             try:
@@ -176,13 +179,10 @@ class ChatService:
                 "policy_b": pair["policy_b"], "decision": decision}
 
 
-ID = re.compile(r"[0-9a-f]{32}")
-
-
 def _check_id(value: str, what: str) -> None:
     """Ids are 32 hex digits; anything else (a lone surrogate, which SQLite cannot even
     encode) does not exist."""
-    if not ID.fullmatch(value):
+    if not is_hex_id(value):
         raise NotFound(f"{what} {value[:64]!r} does not exist")
 
 

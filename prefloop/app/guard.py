@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import re
 import secrets
 import threading
 import time
@@ -22,9 +21,9 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from prefloop.config import Settings
+from prefloop.names import is_hex_id
 
 COOKIE = "prefloop_client"
-CLIENT_ID = re.compile(r"[0-9a-f]{32}")
 COOKIE_MAX_AGE = 365 * 86400
 
 
@@ -64,7 +63,7 @@ def parse_client_id(cookie_header: str) -> str | None:
     except CookieError:
         return None
     morsel = cookies.get(COOKIE)
-    if morsel is None or not CLIENT_ID.fullmatch(morsel.value):
+    if morsel is None or not is_hex_id(morsel.value):
         return None
     return morsel.value
 

@@ -13,8 +13,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from prefloop.app.chat import InputError
-from prefloop.app.guard import CLIENT_ID, Guard
+from prefloop.app.guard import Guard
 from prefloop.loop.controller import Loop, LoopError, check_policy_name
+from prefloop.loop.reports import round_summaries
+from prefloop.names import is_hex_id
 from prefloop.storage.store import Conflict, Store
 
 
@@ -23,9 +25,18 @@ class PromoteRequest(BaseModel):
     policy: StrictStr
 
 
-def password_matches(given: str, password: str) -> bool:
-    """Constant-time comparison, so response times say nothing about the password."""
-    return hmac.compare_digest(given.encode("utf-8"), password.encode("utf-8"))
+def password_matches(given: str | bytes, password: str) -> bool:
+    """The one admin password check (API and page): constant time, so response times say
+    nothing about the password. Text is compared as UTF-8; bytes (a header as the client sent
+    it) as they are, so a non-ASCII password typed in a UTF-8 terminal matches."""
+    sent = given if isinstance(given, bytes) else _utf8(given)
+    return hmac.compare_digest(sent, _utf8(password))
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: text from a page or the environment may hold lone surrogates; such a
+    # password is compared, never a reason for a 500.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def admin_guard(password: str | None, guard: Guard | None = None):
@@ -55,41 +66,10 @@ def _check_password(request: Request, password: str) -> None:
     if scheme.lower() != "bearer" or not given:
         raise HTTPException(401, "admin actions need 'Authorization: Bearer <password>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    # Starlette decodes header bytes as latin-1; compare the bytes the client sent with
-    # the password's UTF-8, so a non-ASCII password sent as UTF-8 matches.
-    if not hmac.compare_digest(given.encode("latin-1", "replace"),
-                               password.encode("utf-8")):
+    # Starlette decodes header bytes as latin-1: encoding back gives the bytes as sent.
+    if not password_matches(given.encode("latin-1", "replace"), password):
         raise HTTPException(401, "wrong admin password",
                             headers={"WWW-Authenticate": "Bearer"})
-
-
-def round_summaries(store: Store, limit: int) -> list[dict[str, Any]]:
-    """The latest rounds, newest first, each with what became of its adapter."""
-    adapters = {a["name"]: a for a in store.adapters()}
-    return [round_summary(r, adapters.get(r["adapter"])) for r in store.rounds(limit)]
-
-
-def round_summary(row: dict[str, Any], adapter: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A round without the per-step detail of its metrics (kept: losses per step), and its
-    adapter's state and the reason for it (promoted, rejected, rolled back: the gate's
-    evidence)."""
-    metrics = row.get("metrics") or {}
-    steps = metrics.get("steps") or []
-    return {key: row[key] for key in ("id", "trigger", "status", "started_at", "ended_at",
-                                      "pairs", "new_pairs", "parent", "adapter", "error")} | {
-        "adapter_state": adapter["state"] if adapter else None,
-        "adapter_reason": adapter["reason"] if adapter else None,
-        "progress": row.get("progress") or None,
-        "losses": [step["loss"] for step in steps],
-        "held_out": metrics.get("held_out"),
-        "seconds": (metrics.get("seconds") or {}).get("total"),
-        "kl": kl_summary(row.get("kl")),
-    }
-
-
-def kl_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The KL probe's report on a round without its answers (``GET /api/v1/rounds``)."""
-    return None if report is None else {k: v for k, v in report.items() if k != "samples"}
 
 
 def loop_routers(loop: Loop, password: str | None,
@@ -116,13 +96,13 @@ def loop_routers(loop: Loop, password: str | None,
     def leaderboard() -> dict[str, Any]:
         """Bradley-Terry ratings (Elo scale, base = 1000) over all duel votes, with 95%
         bootstrap intervals, win-rate against base and vote counts."""
-        return {"standings": loop.leaderboard(), "over_time": loop.ratings_over_time()}
+        return {"standings": loop.reports.leaderboard(),
+                "over_time": loop.reports.ratings_over_time()}
 
     @router.get("/stats")
     def stats() -> dict[str, Any]:
         """Counts, votes by choice and per hour, and what the loop is doing."""
-        return {"counts": store.counts(), "votes_by_choice": store.votes_by_choice(),
-                "votes_per_hour": store.votes_per_hour(), "loop": loop.status()}
+        return loop.reports.stats()
 
     @admin.post("/rounds")
     def start_round() -> dict[str, Any]:
@@ -162,7 +142,7 @@ def loop_routers(loop: Loop, password: str | None,
 
 def check_client_id(client_id: str) -> str:
     """A client id as the ``prefloop_client`` cookie holds it (32 lowercase hex digits)."""
-    if not CLIENT_ID.fullmatch(client_id):
+    if not is_hex_id(client_id):
         raise InputError("a client id is 32 lowercase hex digits (the prefloop_client "
                          "cookie); take it from GET /api/v1/admin/clients/flagged")
     return client_id

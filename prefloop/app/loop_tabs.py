@@ -16,10 +16,11 @@ import gradio as gr
 import pandas as pd
 from gradio.context import get_render_context
 
-from prefloop.app.guard import CLIENT_ID, Guard
-from prefloop.app.loop_api import password_matches, round_summaries
+from prefloop.app.guard import Guard
+from prefloop.app.loop_api import password_matches
 from prefloop.loop.controller import Loop, LoopError
-from prefloop.serving.adapters import BASE
+from prefloop.loop.reports import round_summaries
+from prefloop.names import BASE, is_hex_id
 from prefloop.storage.store import NotFound, StoreError
 
 TRAINING_TAB = "Training"
@@ -120,11 +121,11 @@ class LoopHandlers:
     # -- leaderboard ------------------------------------------------------------------------
 
     def leaderboard_view(self) -> LeaderboardView:
-        standings = self.loop.leaderboard()
+        standings = self.loop.reports.leaderboard()
         table = pd.DataFrame([_standing_row(s) for s in standings], columns=LEADERBOARD_COLUMNS)
         over_time = pd.DataFrame(
             [{"duel_votes": r["duel_votes"], "policy": r["policy"],
-              "rating": round(r["rating"], 1)} for r in self.loop.ratings_over_time()],
+              "rating": round(r["rating"], 1)} for r in self.loop.reports.ratings_over_time()],
             columns=["duel_votes", "policy", "rating"])
         note = (leaderboard_note(self.loop.settings.rating_resamples) if standings
                 else NO_DUELS)
@@ -147,7 +148,7 @@ class LoopHandlers:
             votes=pd.DataFrame(self.loop.store.votes_per_hour(), columns=["hour", "votes"]))
 
     def status_text(self) -> str:
-        status = self.loop.status()
+        status = self.loop.reports.status()
         state, running = status["state"], status["round"]
         if state == "training" and running is not None:
             line = f"Loop: **training** round {running['id']}"
@@ -261,7 +262,7 @@ class LoopHandlers:
         if (refusal := self.admin_refusal(password, host)) is not None:
             return FlaggedView(refusal, pd.DataFrame(columns=FLAGGED_COLUMNS), [])
         client_id = (client_id or "").strip()
-        if not CLIENT_ID.fullmatch(client_id):
+        if not is_hex_id(client_id):
             done = "⚠️ Choose a flagged client (32 hex digits) to clear."
         else:
             try:

@@ -75,8 +75,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(StoreCollector(store, guard, vllm_restarts))
         self.first_token = Histogram(
-            "prefloop_first_token_seconds", "Time to the first token of a pair (the slower "
-            "answer).", ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "prefloop_first_token_seconds", "Time to the first token of a pair (the faster "
+            "answer's: whichever side streams first).", ["kind"], buckets=LATENCY_BUCKETS,
+            registry=self.registry)
         self.pair_time = Histogram(
             "prefloop_pair_seconds", "Time to write both answers of a pair.", ["kind"],
             buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -67,7 +67,12 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
         try:
             await asyncio.wait_for(asyncio.to_thread(store.check), HEALTH_TIMEOUT_S)
             return True
-        except Exception:
+        except TimeoutError:
+            log.error("health check: the database did not answer within %g s",
+                      HEALTH_TIMEOUT_S)
+            return False
+        except Exception:  # unhealthy, and the log says why
+            log.exception("health check: the database failed")
             return False
 
     async def model_ok() -> bool:
@@ -115,6 +120,8 @@ class Runtime:
     loop: Loop
 
     def close(self) -> None:
+        """Stop in reverse order; the loop first, and its running round ends (recorded in
+        the store) before the store closes."""
         self.loop.stop()
         if self.vllm is not None:
             self.vllm.stop()

@@ -1,8 +1,9 @@
 """The online loop inside ``prefloop serve``: rounds on a schedule, hot-swap, promotion.
 
-:class:`Loop` owns the decisions; the store keeps every state that must survive a restart
-(rounds, adapters, champion, paused), the adapter pool what vLLM has loaded. Rounds run in a
-worker thread (the trainer itself is a subprocess), one at a time.
+:class:`Loop` owns the decisions (``loop/reports.py`` shows them); the store keeps every
+state that must survive a restart (rounds, adapters, champion, paused), the adapter pool what
+vLLM has loaded. Rounds run in a worker thread (the trainer itself is a subprocess), one at a
+time.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prefloop.config import Settings
 from prefloop.loop.duels import TurnPlan, plan_turn
 from prefloop.loop.gate import GateConfig, Outcome, decide, tally
-from prefloop.loop.ratings import Duel, duel_score, fit_bradley_terry, leaderboard
+from prefloop.loop.ratings import duels_of, fit_bradley_terry
+from prefloop.loop.reports import Reports
 from prefloop.loop.rounds import (
     TRAINER,
     RoundFailed,
-    TrainerJob,
     remove_partial_adapters,
+    round_config,
     run_trainer,
     snapshot_pairs,
 )
 from prefloop.loop.voters import review_client
-from prefloop.serving.adapters import BASE, AdapterError, AdapterPool, ServerUnreachable
+from prefloop.names import BASE, AdapterState, PairKind
+from prefloop.serving.adapters import AdapterError, AdapterPool, ServerUnreachable
 from prefloop.serving.kl_probe import KLProbe, KLProbeError, KLReport
 from prefloop.storage.store import Conflict, NotFound, Store
 
@@ -68,6 +71,7 @@ class Loop:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self.reports = Reports(self)  # the read side: leaderboard, stats, status
         self.kl_probe = None if settings.kl_probe_prompts == 0 else KLProbe(
             pool.endpoint, prompts=settings.kl_probe_prompts, max_tokens=settings.max_tokens,
             system_prompt=settings.system_prompt, model_name=pool.served_name)
@@ -98,7 +102,8 @@ class Loop:
             try:
                 self.pool.load(candidate, Path(self.store.adapter(candidate)["path"]))
             except AdapterError as exc:
-                self.store.set_adapter_state(candidate, "rejected", f"vLLM refused it: {exc}")
+                self.store.set_adapter_state(candidate, AdapterState.REJECTED,
+                                             f"vLLM refused it: {exc}")
 
     def start(self) -> None:
         """Recover, then check for a round every ``train_every`` minutes."""
@@ -111,12 +116,19 @@ class Loop:
         self._scheduler.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the schedule and a running round (its trainer is killed, the round failed)."""
+        """Stop the schedule and a running round (its trainer is killed, the round failed),
+        and return once they have ended: the store may be closed next, and a round records
+        its end in it."""
         self._stop.set()
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            # Waits for the jobs running now; a scheduled round among them sees the stop
+            # event, so it ends as soon as its trainer is killed.
+            self._scheduler.shutdown(wait=True)
         if self._worker is not None:
             self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.error("round thread %s still runs %g s after the stop; it may fail to "
+                          "record its end", self._worker.name, timeout)
 
     # -- turns and votes --------------------------------------------------------------------
 
@@ -139,12 +151,12 @@ class Loop:
         ``reject``, ``exhausted`` or ``rollback`` when that happened."""
         if client_id is not None:
             review_client(self.store, client_id)
-        if pair.get("kind") != "duel":
+        if pair.get("kind") != PairKind.DUEL:
             return None
         sides = {pair["policy_a"], pair["policy_b"]}
         with self._decide_lock:
-            champion, candidate = self.store.champion(), self.store.candidate()
-            if candidate is not None and sides == {candidate, champion}:
+            champion, candidate = self.store.champion(), self.store.candidate_adapter()
+            if candidate is not None and sides == {candidate["name"], champion}:
                 return self._judge_candidate(candidate, champion)
             if champion != BASE and sides == {champion, BASE}:
                 return self._guard_champion(champion)
@@ -156,18 +168,19 @@ class Loop:
         return GateConfig(s.promote_false_rate, s.promote_effect, s.promote_miss_rate,
                           s.max_duel_votes)
 
-    def _judge_candidate(self, candidate: str, champion: str) -> str | None:
+    def _judge_candidate(self, adapter: dict[str, Any], champion: str) -> str | None:
         """The promotion test on the candidate's duels with the current champion."""
-        since = self.store.adapter(candidate)["created_at"]
-        votes = self.store.duel_votes(between=(candidate, champion), since=since)
+        candidate = adapter["name"]
+        votes = self.store.duel_votes(between=(candidate, champion),
+                                      since=adapter["created_at"])
         decision = decide(tally(votes, candidate, champion), self.gate)
         summary = decision.summary(candidate, champion)
         if decision.outcome == Outcome.PROMOTE:
             self.store.crown(candidate, f"won its duels: {summary}")
         elif decision.outcome == Outcome.REJECT:
-            self.store.set_adapter_state(candidate, "rejected", f"no better: {summary}")
+            self.store.set_adapter_state(candidate, AdapterState.REJECTED, f"no better: {summary}")
         elif decision.outcome == Outcome.EXHAUSTED:
-            self.store.set_adapter_state(candidate, "rejected",
+            self.store.set_adapter_state(candidate, AdapterState.REJECTED,
                                          f"not shown better within the vote budget: {summary}")
         else:
             return None
@@ -191,7 +204,7 @@ class Loop:
                 successor, note = BASE, f" ({successor}, rated higher, could not be loaded)"
         reason = (f"rolled back to {successor}{note}: lost its duels against base: "
                   f"{decision.summary(BASE, champion)}")
-        self.store.crown(successor, reason, old_state="rolled_back")
+        self.store.crown(successor, reason, old_state=AdapterState.ROLLED_BACK)
         log.warning("champion %s %s", champion, reason)
         return "rollback"
 
@@ -199,10 +212,10 @@ class Loop:
         """``base`` or an earlier champion (never rolled back), whichever rates highest over
         all duel votes; ``base`` when no earlier champion rates above it."""
         earlier = {a["name"] for a in self.store.adapters()
-                   if a["state"] == "retired" and a["name"] != champion}
+                   if a["state"] == AdapterState.RETIRED and a["name"] != champion}
         if not earlier:
             return BASE
-        ratings = fit_bradley_terry([d for d, _ in self.duels()])
+        ratings = fit_bradley_terry(duels_of(self.store.duel_votes()))
         return max([BASE, *earlier], key=lambda p: (ratings.get(p, -math.inf), p == BASE))
 
     # -- rounds -----------------------------------------------------------------------------
@@ -220,14 +233,6 @@ class Loop:
         scheduled round waits for the verdict, or it would supersede the candidate untested
         (the test needs tens of duel votes; a round needs only ``min_new_pairs`` votes)."""
         return self.settings.promote == "duel" and self.store.candidate() is not None
-
-    def candidate_duel_votes(self) -> int:
-        """Duel votes the candidate has had against the current champion."""
-        candidate = self.store.candidate()
-        if candidate is None:
-            return 0
-        return len(self.store.duel_votes(between=(candidate, self.store.champion()),
-                                         since=self.store.adapter(candidate)["created_at"]))
 
     def tick(self) -> int | None:
         """The scheduled check: run a round when enough new trainable votes exist and no
@@ -297,12 +302,9 @@ class Loop:
         self.store.update_round(round_id, pairs=snapshot.pairs, new_pairs=snapshot.new_pairs,
                                 votes_until=snapshot.votes_until, parent=parent)
         out = s.adapters_dir / name
-        job = TrainerJob(
-            pairs=snapshot.path, out=out, model=self.base_model,
-            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]),
-            lr=s.train_lr, beta=s.train_beta, epochs=s.train_epochs, loss=s.train_loss,
-            threads=s.trainer_threads, seed=round_id, batch_size=s.train_batch_size,
-            lora_rank=s.train_lora_rank)
+        job = round_config(
+            s, pairs=snapshot.path, out=out, model=self.base_model, seed=round_id,
+            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]))
         last_saved = [0.0]
 
         def on_event(event: dict[str, Any]) -> None:
@@ -326,7 +328,7 @@ class Loop:
         # Measured before it is stored: only a stored candidate reaches visitors.
         kl, refused = (None, refused) if refused else self._check_kl(round_id, name)
         self.store.add_adapter(name, out, round_id, parent, *(
-            ("rejected", refused) if refused else ()),
+            (AdapterState.REJECTED, refused) if refused else ()),
             kl_per_token=kl.per_token if kl else None,
             kl_per_answer=kl.per_answer if kl else None)
         self.store.update_round(round_id, status="succeeded", adapter=name, metrics=metrics,
@@ -338,7 +340,7 @@ class Loop:
         if s.promote == "immediate":
             self.store.crown(name, "promote: immediate")
         for stale in self.store.candidate_other_than(name):
-            self.store.set_adapter_state(stale, "rejected", f"superseded by {name}")
+            self.store.set_adapter_state(stale, AdapterState.REJECTED, f"superseded by {name}")
         self.prune()
 
     def _check_kl(self, round_id: int, name: str) -> tuple[KLReport | None, str | None]:
@@ -411,49 +413,3 @@ class Loop:
         them."""
         keep = {self.store.champion(), self.store.candidate() or BASE}
         self.pool.prune(keep)
-
-    # -- reports ----------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        running = next((r for r in self.store.rounds(limit=5) if r["status"] == "running"),
-                       None)
-        return {"state": "training" if running else "paused" if self.paused else "running",
-                "champion": self.store.champion(), "candidate": self.store.candidate(),
-                "round": running, "loaded": sorted(self.pool.loaded),
-                "new_trainable_votes": self.store.count_trainable(
-                    self.store.last_trained_vote()),
-                "min_new_pairs": self.settings.min_new_pairs,
-                "train_every_minutes": self.settings.train_every,
-                "promote": self.settings.promote,
-                "candidate_duel_votes": self.candidate_duel_votes(),
-                "max_duel_votes": self.settings.max_duel_votes,
-                "waiting_for_verdict": self.judging()}
-
-    def duels(self) -> list[tuple[Duel, str]]:
-        """Every duel result with the time of its vote."""
-        out = []
-        for row in self.store.duel_votes():
-            score = duel_score(row["choice"])
-            if score is not None:
-                out.append((Duel(row["policy_a"], row["policy_b"], score), row["voted_at"]))
-        return out
-
-    def leaderboard(self) -> list[dict[str, Any]]:
-        duels = [d for d, _ in self.duels()]
-        states = {a["name"]: a["state"] for a in self.store.adapters()}
-        states[BASE] = "champion" if self.store.champion() == BASE else "base"
-        kl = {a["name"]: a["kl_per_token"] for a in self.store.adapters()} | {BASE: 0.0}
-        return [{**vars(s), "state": states.get(s.policy, ""), "kl_per_token": kl.get(s.policy)}
-                for s in leaderboard(duels, resamples=self.settings.rating_resamples)]
-
-    def ratings_over_time(self, points: int = 20) -> list[dict[str, Any]]:
-        """Ratings refitted on the first k duel votes, for ``points`` values of k."""
-        duels = self.duels()
-        if not duels:
-            return []
-        rows = []
-        for k in sorted({max(1, round(len(duels) * i / points)) for i in range(1, points + 1)}):
-            for policy, rating in fit_bradley_terry([d for d, _ in duels[:k]]).items():
-                rows.append({"duel_votes": k, "voted_at": duels[k - 1][1], "policy": policy,
-                             "rating": rating})
-        return rows

@@ -7,10 +7,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from prefloop.names import BASE, PairKind
+
 
 @dataclass(frozen=True)
 class TurnPlan:
-    kind: str  # "sample": both answers from the champion; "duel": two policies
+    kind: PairKind  # sample: both answers from the champion; duel: two policies
     policy_a: str
     policy_b: str
 
@@ -24,9 +26,9 @@ def plan_turn(champion: str, candidate: str | None, duel_share: float,
     opponents = None
     if candidate is not None and draw < duel_share:
         opponents = (candidate, champion)
-    elif champion != "base" and duel_share <= draw < duel_share + baseline_share:
-        opponents = (champion, "base")
+    elif champion != BASE and duel_share <= draw < duel_share + baseline_share:
+        opponents = (champion, BASE)
     if opponents is None:
-        return TurnPlan("sample", champion, champion)
+        return TurnPlan(PairKind.SAMPLE, champion, champion)
     a, b = opponents if rng.random() < 0.5 else opponents[::-1]
-    return TurnPlan("duel", a, b)
+    return TurnPlan(PairKind.DUEL, a, b)

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from prefloop.names import BASE
 
 LN10 = math.log(10)
 SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
@@ -60,7 +62,14 @@ def duel_score(choice: str) -> float | None:
     return SCORES[choice]
 
 
-def fit_bradley_terry(duels: Sequence[Duel], anchor: str = "base", anchor_rating: float = 1000.0,
+def duels_of(votes: Iterable[Mapping[str, str]]) -> list[Duel]:
+    """The duel results among vote rows (``policy_a``, ``policy_b``, ``choice``), in order;
+    written answers are none (:func:`duel_score`)."""
+    return [Duel(row["policy_a"], row["policy_b"], score) for row in votes
+            if (score := duel_score(row["choice"])) is not None]
+
+
+def fit_bradley_terry(duels: Sequence[Duel], anchor: str = BASE, anchor_rating: float = 1000.0,
                       scale: float = 400.0, prior: float = 0.01, iterations: int = 100,
                       tol: float = 1e-6) -> dict[str, float]:
     """Maximum-likelihood Bradley-Terry ratings on the Elo scale, ties half a win each.
@@ -135,7 +144,7 @@ class Standing:
     votes_vs_base: int
 
 
-def leaderboard(duels: Sequence[Duel], anchor: str = "base", resamples: int = 100,
+def leaderboard(duels: Sequence[Duel], anchor: str = BASE, resamples: int = 100,
                 seed: int = 0) -> list[Standing]:
     """Every policy in ``duels`` with rating, 95% interval and counts, highest rating first."""
     ratings = fit_bradley_terry(duels, anchor=anchor)

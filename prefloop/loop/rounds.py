@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop.atomic import temporary_prefix
+from prefloop.config import Settings, setting_fields
 from prefloop.serving.vllm_server import die_with_parent
 from prefloop.storage.exchange import Preference, pair_preferences, to_trl
 from prefloop.storage.store import Store
+from prefloop.trainer.settings import RoundConfig, arguments
 
 TRAINER = (sys.executable, "-m", "prefloop.trainer")
 
@@ -64,35 +67,18 @@ def snapshot_pairs(store: Store, path: Path, after_vote: int, max_pairs: int,
     return Snapshot(path, len(chosen), len(new), votes_until)
 
 
-@dataclass(frozen=True)
-class TrainerJob:
-    pairs: Path
-    out: Path
-    model: Path
-    init_adapter: Path | None
-    lr: float
-    beta: float
-    epochs: int
-    loss: str
-    threads: int
-    seed: int
-    batch_size: int
-    lora_rank: int
-
-    def arguments(self) -> list[str]:
-        args = ["--pairs", str(self.pairs), "--out", str(self.out), "--model", str(self.model),
-                "--lr", repr(self.lr), "--beta", repr(self.beta), "--epochs", str(self.epochs),
-                "--batch-size", str(self.batch_size), "--lora-r", str(self.lora_rank),
-                "--lora-alpha", str(2 * self.lora_rank),
-                "--loss", self.loss, "--seed", str(self.seed), "--json"]
-        if self.threads:
-            args += ["--threads", str(self.threads)]
-        if self.init_adapter is not None:
-            args += ["--init-adapter", str(self.init_adapter)]
-        return args
+def round_config(settings: Settings, *, pairs: Path, out: Path, model: Path,
+                 init_adapter: Path | None, seed: int) -> RoundConfig:
+    """What the loop tells the trainer: the ``train_*`` settings (each names the
+    :class:`RoundConfig` field it sets), LoRA alpha twice the rank, and this round's files."""
+    knobs = {f.metadata["round"]: getattr(settings, f.name) for f in setting_fields()
+             if f.metadata["round"]}
+    knobs["threads"] = knobs["threads"] or None  # trainer_threads = 0: torch's one per core
+    return RoundConfig(pairs=pairs, out=out, model=model, init_adapter=init_adapter, seed=seed,
+                       lora_alpha=2 * knobs["lora_r"], **knobs)
 
 
-def run_trainer(job: TrainerJob, log_path: Path, timeout: float,
+def run_trainer(job: RoundConfig, log_path: Path, timeout: float,
                 on_event: Callable[[dict[str, Any]], None],
                 stop: threading.Event, command: Sequence[str] = TRAINER) -> dict[str, Any]:
     """Run the trainer to completion and return its metrics; :class:`RoundFailed` if it
@@ -104,7 +90,7 @@ def run_trainer(job: TrainerJob, log_path: Path, timeout: float,
     with open(log_path, "ab") as log:
         # Its own process group (a timeout kills all of it), and SIGTERM when this thread
         # ends, so a crash of prefloop leaves no trainer behind.
-        proc = subprocess.Popen([*command, *job.arguments()], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*command, *arguments(job), "--json"], stdout=subprocess.PIPE,
                                 stderr=log, env=env, preexec_fn=_background)
         done = threading.Event()  # the trainer said "done": its adapter folder is complete
         reader = threading.Thread(target=_read_events, args=(proc, on_event, done),
@@ -135,7 +121,7 @@ def remove_partial_adapters(adapters_dir: Path, name: str = "v*") -> list[str]:
     (``.vNNNN.tmp-*``); finished adapters are renamed into place, so they are never here."""
     removed = []
     if adapters_dir.is_dir():
-        for partial in adapters_dir.glob(f".{name}.tmp-*"):
+        for partial in adapters_dir.glob(temporary_prefix(Path(name)) + "*"):
             shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial.name)
     return removed

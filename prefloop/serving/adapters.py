@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 
+from prefloop.names import BASE
 from prefloop.serving.vllm_server import Endpoint
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -137,8 +137,10 @@ class AdapterPool:
         body = {"lora_name": self.served_name(policy), "lora_path": str(Path(path).resolve())}
         try:
             self._post("/v1/load_lora_adapter", body)
-        except AdapterError as exc:
-            if "already" not in str(exc):
+        except ServerUnreachable:
+            raise
+        except AdapterError:
+            if body["lora_name"] not in self.served_models():
                 raise
             # Left in an outside vLLM by an earlier run of this prefloop: load it afresh.
             self._post("/v1/unload_lora_adapter", {"lora_name": body["lora_name"]})
@@ -186,6 +188,16 @@ class AdapterPool:
         finally:
             with self._lock:
                 self._in_use.subtract(policies)
+
+    def served_models(self) -> set[str]:
+        """The model names vLLM serves now, base and loaded adapters (``/v1/models``)."""
+        try:
+            response = self._client.get("/v1/models")
+            response.raise_for_status()
+            return {model["id"] for model in response.json()["data"]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise ServerUnreachable(f"the model server did not list its models: {exc}") \
+                from None
 
     def _post(self, path: str, body: dict[str, str]) -> None:
         try:

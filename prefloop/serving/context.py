@@ -12,6 +12,12 @@ TokenCounter = Callable[[Messages], Awaitable[int]]
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 
 
+def with_system_prompt(system_prompt: str, messages: Messages) -> Messages:
+    """``messages`` after the system prompt as a leading system message (none when empty):
+    what the model is sent, and what a stored pair records as its context."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
+
+
 class ContextTooLong(ValueError):
     """Even the newest message alone does not fit the context window."""
 

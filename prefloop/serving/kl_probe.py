@@ -25,7 +25,9 @@ from typing import Any
 
 import httpx
 
-from prefloop.serving.adapters import BASE, served_name
+from prefloop.names import BASE
+from prefloop.serving.adapters import served_name
+from prefloop.serving.context import with_system_prompt
 from prefloop.serving.vllm_server import Endpoint
 
 PROBE_PROMPTS: tuple[str, ...] = (
@@ -201,8 +203,7 @@ class KLProbe:
 
     async def _sample(self, client: httpx.AsyncClient, policy: str, prompt: str,
                       seed: int) -> _Sample:
-        messages = ([{"role": "system", "content": self.system_prompt}]
-                    if self.system_prompt else []) + [{"role": "user", "content": prompt}]
+        messages = with_system_prompt(self.system_prompt, [{"role": "user", "content": prompt}])
         # Every sampling knob set, so that a server's own defaults (a model's generation
         # config) cannot make the sample come from anything but the policy itself.
         body = {"model": self.model_name(policy), "messages": messages, "n": 1, "seed": seed,

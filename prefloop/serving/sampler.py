@@ -18,8 +18,9 @@ import httpx
 import openai
 from openai import AsyncOpenAI
 
+from prefloop.names import BASE
 from prefloop.serving.adapters import served_name
-from prefloop.serving.context import ContextTooLong, Messages, fit_context
+from prefloop.serving.context import ContextTooLong, Messages, fit_context, with_system_prompt
 from prefloop.serving.vllm_server import Endpoint
 
 
@@ -90,7 +91,7 @@ class PairSampler:
         await self.client.close()
         await self._http.aclose()
 
-    async def count_tokens(self, messages: Messages, model: str = "base") -> int:
+    async def count_tokens(self, messages: Messages, model: str = BASE) -> int:
         """Prompt tokens of ``messages`` under the served chat template (vLLM ``/tokenize``)."""
         response = await self._http.post(
             self.endpoint.url.rstrip("/") + "/tokenize",
@@ -100,13 +101,12 @@ class PairSampler:
 
     async def prepare(self, history: Messages) -> tuple[Messages, int]:
         """The messages to send for ``history`` (system prompt added, oldest turns cut)."""
-        messages = ([{"role": "system", "content": self.system_prompt}]
-                    if self.system_prompt else []) + history
+        messages = with_system_prompt(self.system_prompt, history)
         budget = self.max_model_len - self.sampling.max_tokens
         return await fit_context(messages, budget, self.count_tokens)
 
-    async def stream(self, history: Messages, policy_a: str = "base",
-                     policy_b: str = "base",
+    async def stream(self, history: Messages, policy_a: str = BASE,
+                     policy_b: str = BASE,
                      seed: int | None = None) -> AsyncIterator[PairProgress]:
         """Yield snapshots of the two answers to ``history`` until both are complete.
 
@@ -154,7 +154,7 @@ class PairSampler:
             for task in tasks:
                 task.cancel()
 
-    async def answer(self, history: Messages, policy: str = "base",
+    async def answer(self, history: Messages, policy: str = BASE,
                      seed: int | None = None) -> Side:
         """One complete answer to ``history`` from ``policy``, not streamed.
 

@@ -27,12 +27,11 @@ from pathlib import Path
 import httpx
 
 from prefloop.hardware import cpu_has_native_bf16, serving_dtype
+from prefloop.names import BASE  # vLLM serves the base model under the policy's name
 from prefloop.trainer.settings import DEFAULT_TARGET_MODULES
 
 log = logging.getLogger(__name__)
 
-BASE_NAME = "base"
-"""The name vLLM serves the base model under (the policy ``base``)."""
 
 
 class VLLMError(RuntimeError):
@@ -108,12 +107,13 @@ def kill_group(pgid: int, timeout: float = 15.0) -> None:
 
 
 def group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` exists (one we may not signal counts too)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by another user
+        pass
     return True
 
 
@@ -163,7 +163,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_path), "--served-model-name", BASE_NAME,
+            "--model", str(self.model_path), "--served-model-name", BASE,
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
             "--max-model-len", str(self.max_model_len),
             "--gpu-memory-utilization", str(self.memory_fraction),
@@ -244,16 +244,12 @@ class VLLMServer:
 
     def _wait_healthy(self, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.start_timeout
-        url = self.endpoint.url + "/health"
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise VLLMError(f"vLLM exited with code {proc.returncode} while starting; "
                                 f"last lines of {self.log_path}:\n{tail(self.log_path)}")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self.healthy():
+                return
             time.sleep(0.5)
         kill_group(proc.pid)
         raise VLLMError(f"vLLM did not become healthy within {self.start_timeout:.0f} s; "
@@ -288,6 +284,7 @@ class VLLMServer:
             self.restarts += 1  # counted once the callbacks (adapters loaded again) are done
 
     def healthy(self) -> bool:
+        """True when vLLM answers ``/health`` with 200 within 2 s."""
         try:
             return httpx.get(self.endpoint.url + "/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:

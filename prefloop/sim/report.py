@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prefloop.names import PairKind
 from prefloop.sim.crowd import Voter, flagged_by_kind
 from prefloop.storage.store import Store
 
@@ -33,7 +34,7 @@ def adapter_fates(adapters: Sequence[dict], voted: Iterable[dict],
     flagged_ids = set(flagged)
     tallies: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for row in voted:
-        if row["kind"] != "duel":
+        if row["kind"] != PairKind.DUEL:
             continue
         sides = ((row["policy_a"], row["policy_b"], "a"), (row["policy_b"], row["policy_a"], "b"))
         for policy, opponent, mine in sides:

@@ -32,7 +32,8 @@ from prefloop.app.chat import ChatService
 from prefloop.app.guard import Client, Guard
 from prefloop.app.server import Runtime, make_sampler, start_runtime
 from prefloop.config import Settings
-from prefloop.serving.adapters import BASE
+from prefloop.names import BASE
+from prefloop.serving.context import with_system_prompt
 from prefloop.serving.sampler import PairSampler, Sampling, Side
 from prefloop.sim.crowd import Voter, crowd_sizes, draw_voters, make_crowd, reading_seconds
 from prefloop.sim.oracles import Oracle
@@ -193,8 +194,6 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
     """
     champion = runtime.store.champion()
     gate = asyncio.Semaphore(2 * plan.concurrency)  # answers at once, as many as in a pair
-    system = ([{"role": "system", "content": sampler.system_prompt}]
-              if sampler.system_prompt else [])
 
     async def answer(prompt: str, policy: str, seed: int, count: bool) -> Side:
         async with gate:
@@ -211,7 +210,8 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
                                              for k, p in enumerate(prompts)))
     base_answers += [sampled[k * n:(k + 1) * n] for k in range(len(fresh) // n)]
     mine = sampled[len(fresh):]
-    contexts = [system + [{"role": "user", "content": prompt}] for prompt in prompts]
+    contexts = [with_system_prompt(sampler.system_prompt, [{"role": "user", "content": prompt}])
+                for prompt in prompts]
     side = random.Random(number)
     outcome: Counter = Counter()
     for context, own, theirs in zip(contexts, mine, base_answers, strict=True):

@@ -14,7 +14,10 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+from prefloop.atomic import atomic_path
+from prefloop.names import Choice
 from prefloop.storage.store import Store
 
 FORMATS = ("trl", "hh")
@@ -30,12 +33,6 @@ class Preference:
     def fingerprint(self) -> str:
         blob = json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def preferences(store: Store, since: str | None = None) -> Iterator[Preference]:
-    """The stored votes as preferences, oldest vote first."""
-    for row in store.voted_pairs(since):
-        yield from pair_preferences(row)
 
 
 def export_records(store: Store, fmt: str, since: str | None = None,
@@ -54,19 +51,31 @@ def export_records(store: Store, fmt: str, since: str | None = None,
             yield record
 
 
+def write_export(store: Store, out: Path, fmt: str, since: str | None = None,
+                 with_client_ids: bool = False) -> int:
+    """Write :func:`export_records` to ``out`` as JSONL, whole or not at all (an existing file
+    is replaced); returns the number of records. OSError when it cannot be written."""
+    count = 0
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in export_records(store, fmt, since, with_client_ids):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
 def pair_preferences(row: dict) -> Iterator[Preference]:
     """The preferences one voted pair gives (a row of :meth:`Store.voted_pairs`): one for a
     decisive vote, one per shown answer for a written answer, none for a tie or both-bad,
     and none for a decisive vote between two identical answers (two samples can coincide,
     short ones most often: such a vote prefers nothing, and the trainer refuses it)."""
     prompt, a, b = row["context"], row["text_a"], row["text_b"]
-    if row["choice"] in ("a", "b") and a == b:
+    if row["choice"] in (Choice.A, Choice.B) and a == b:
         return
-    if row["choice"] == "a":
+    if row["choice"] == Choice.A:
         yield Preference(prompt, a, b)
-    elif row["choice"] == "b":
+    elif row["choice"] == Choice.B:
         yield Preference(prompt, b, a)
-    elif row["choice"] == "written":
+    elif row["choice"] == Choice.WRITTEN:
         for shown in dict.fromkeys((a, b)):  # both, once each if they are equal
             if shown != row["answer"]:
                 yield Preference(prompt, row["answer"], shown)
@@ -123,6 +132,29 @@ def parse_hh(obj: object) -> Preference:
     if a == b:
         raise ValueError("chosen and rejected are the same answer")
     return Preference(chosen[:-1], a, b)
+
+
+class FileFormatError(ValueError):
+    """A preference file to import is not in the format given; the message names the line."""
+
+
+def read_hh(path: Path, skip_invalid: bool = False) -> tuple[list[Preference], int]:
+    """The preferences of an HH-RLHF JSONL file and the number of bad lines skipped. A bad
+    line raises :class:`FileFormatError` naming it, unless ``skip_invalid`` is set."""
+    prefs, skipped = [], 0
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prefs.append(parse_hh(json.loads(line)))
+        except (ValueError, UnicodeDecodeError) as exc:
+            if not skip_invalid:
+                raise FileFormatError(f"{path} line {number}: {exc} (use --skip-invalid to "
+                                      "skip bad lines)") from None
+            skipped += 1
+    if not prefs:
+        raise FileFormatError(f"{path} holds no valid HH records")
+    return prefs, skipped
 
 
 def import_preferences(store: Store, prefs: list[Preference]) -> tuple[int, int]:

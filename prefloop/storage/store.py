@@ -1,8 +1,9 @@
 """The prefloop database: conversations, their accepted messages, answer pairs and votes.
 
-One :class:`Store` wraps one SQLite connection in WAL mode. Calls are serialised by a lock,
-so the web server's threads and its event loop can share it. Every write is one
-transaction; when a write method returns, its data is on disk (``synchronous=FULL``).
+One :class:`Store` is one SQLite database in WAL mode, shared by the web server's threads
+and its event loop. Writes go through one connection, one transaction at a time (a lock);
+when a write method returns, its data is on disk (``synchronous=FULL``). Reads use read-only
+connections of their own, so they see the last commit without waiting for the next.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import contextlib
 import json
 import sqlite3
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,10 +20,9 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from prefloop.names import BASE, CHOICES, AdapterState, PairKind, new_id
 from prefloop.storage.migrations import migrations
 
-CHOICES = ("a", "b", "tie", "both_bad", "written")
-"""Vote choices. ``written`` carries the person's own answer in ``answer``."""
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
 FLAGGED = "select client_id from client_flags where cleared_at is null"
 """Clients whose votes are held back (loop/voters.py) until an admin clears them."""
@@ -48,10 +47,6 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
 @dataclass(frozen=True)
 class Answer:
     """One sampled answer and how it came about."""
@@ -70,19 +65,31 @@ class Store:
         self.path = Path(path) if path != ":memory:" else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
         conn = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)
-        self.db = Database(conn, execute_plugins=False)
+        self.db = Database(conn, execute_plugins=False)  # the one connection that writes
         self.db.execute("PRAGMA foreign_keys = ON")
         if self.path is not None:
             self.db.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is fsynced before it returns, so an acknowledged vote survives a
         # power cut as well as a crash of the process.
         self.db.execute("PRAGMA synchronous = FULL")
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the write connection: one transaction at a time
+        self._in_write = threading.local()  # .active: this thread is inside _write
+        self._pool_lock = threading.Lock()
+        self._idle: list[Database] = []  # read connections not in use
+        self._trace: Callable[[str], None] | None = None
+        self._closed = False
         with self._lock:
             migrations.apply(self.db)
 
     def close(self) -> None:
+        """Close every connection; a read in progress closes its own when it ends."""
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for reader in idle:
+            reader.close()
         with self._lock:
             self.db.close()
 
@@ -92,26 +99,73 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def trace(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback`` with each SQL statement any of this store's connections runs
+        from now on (None: stop); to see what a request costs."""
+        with self._pool_lock:
+            self._trace = callback
+        with self._lock:
+            self.db.conn.set_trace_callback(callback)
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
-        """One write transaction, serialised with this store's other calls.
+        """One write transaction, serialised with this store's other writes.
 
         ``BEGIN IMMEDIATE`` takes the write lock before the first read, so a writer on another
         connection (another process) makes this wait up to the busy timeout; a plain deferred
         ``BEGIN`` would fail at once with "database is locked" once its read snapshot is stale.
+        Reads inside the block use the write connection, so they see the transaction.
         """
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
+            self._in_write.active = True
             try:
                 yield
             except BaseException:
                 self.db.rollback()
                 raise
-            try:
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.rollback()
-                raise
+            else:
+                try:
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.rollback()
+                    raise
+            finally:
+                self._in_write.active = False
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Database]:
+        """A connection for one read.
+
+        With WAL a reader sees the last commit and never waits for the writer, so reads get
+        read-only connections of their own (from a pool: one per concurrent read), and never
+        queue behind a commit's fsync. Inside this thread's write transaction a read uses the
+        write connection, to see that transaction; an in-memory database exists only on the
+        write connection, so its reads share it under the lock.
+        """
+        if self.path is None or getattr(self._in_write, "active", False):
+            with self._lock:
+                yield self.db
+            return
+        with self._pool_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            reader = self._idle.pop() if self._idle else None
+            trace = self._trace
+        if reader is None:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                   timeout=self.busy_timeout_s, check_same_thread=False)
+            reader = Database(conn, execute_plugins=False)
+        reader.conn.set_trace_callback(trace)
+        try:
+            yield reader
+        finally:
+            with self._pool_lock:
+                keep = not self._closed
+                if keep:
+                    self._idle.append(reader)
+            if not keep:
+                reader.close()
 
     # -- conversations -------------------------------------------------------------------
 
@@ -125,8 +179,8 @@ class Store:
         return conversation_id
 
     def conversation(self, conversation_id: str) -> dict[str, Any]:
-        with self._lock:
-            rows = list(self.db["conversations"].rows_where("id = ?", [conversation_id]))
+        with self._read() as db:
+            rows = list(db["conversations"].rows_where("id = ?", [conversation_id]))
         if not rows:
             raise NotFound(f"conversation {conversation_id!r} does not exist")
         return rows[0]
@@ -134,16 +188,16 @@ class Store:
     def messages(self, conversation_id: str) -> list[dict[str, str]]:
         """The accepted path of a conversation as chat messages, oldest first."""
         self.conversation(conversation_id)
-        with self._lock:
-            rows = self.db["messages"].rows_where(
+        with self._read() as db:
+            rows = db["messages"].rows_where(
                 "conversation_id = ?", [conversation_id], order_by="position",
                 select="role, content")
             return [dict(row) for row in rows]
 
     def open_pair(self, conversation_id: str) -> str | None:
         """The id of the conversation's pair that has no vote yet, if any."""
-        with self._lock:
-            rows = list(self.db.query(
+        with self._read() as db:
+            rows = list(db.query(
                 "select p.id from pairs p left join votes v on v.pair_id = p.id "
                 "where p.conversation_id = ? and v.pair_id is null", [conversation_id]))
         return rows[0]["id"] if rows else None
@@ -151,7 +205,7 @@ class Store:
     # -- pairs ----------------------------------------------------------------------------
 
     def add_pair(self, conversation_id: str, context: list[dict[str, str]], a: Answer,
-                 b: Answer, *, kind: str = "sample", dropped_messages: int = 0,
+                 b: Answer, *, kind: str = PairKind.SAMPLE, dropped_messages: int = 0,
                  sampling: dict[str, Any] | None = None, first_token_ms: float | None = None,
                  total_ms: float | None = None) -> str:
         """Store two answers to ``context`` (whose last message is the user's new turn)."""
@@ -176,97 +230,94 @@ class Store:
         return pair_id
 
     def pair(self, pair_id: str) -> dict[str, Any]:
-        with self._lock:
-            rows = list(self.db["pairs"].rows_where("id = ?", [pair_id]))
+        """The pair's row (context and sampling decoded) and ``owner``, the client id of its
+        conversation (None: started by an internal caller)."""
+        with self._read() as db:
+            rows = _dicts(db.execute(
+                "select p.*, c.client_id as owner from pairs p left join conversations c "
+                "on c.id = p.conversation_id where p.id = ?", [pair_id]))
         if not rows:
             raise NotFound(f"pair {pair_id!r} does not exist")
-        row = dict(rows[0])
+        row = rows[0]
         row["context"] = json.loads(row["context"])
         row["sampling"] = json.loads(row["sampling"] or "{}")
         return row
 
-    def pair_owner(self, pair_id: str) -> tuple[str, str | None]:
-        """The conversation a pair belongs to, and that conversation's client id."""
-        with self._lock:
-            row = self.db.execute(
-                "select c.id, c.client_id from pairs p join conversations c "
-                "on c.id = p.conversation_id where p.id = ?", [pair_id]).fetchone()
-        if row is None:
-            raise NotFound(f"pair {pair_id!r} does not exist")
-        return row[0], row[1]
-
     # -- votes ----------------------------------------------------------------------------
 
-    def vote(self, pair_id: str, choice: str, answer: str | None = None,
+    def vote(self, pair: str | dict[str, Any], choice: str, answer: str | None = None,
              client_id: str | None = None) -> dict[str, Any]:
         """Record the one vote on a pair and extend the conversation with the kept answer.
 
-        ``a``/``b`` keep that answer, ``written`` keeps ``answer``; ``tie`` and ``both_bad``
-        keep answer A so the conversation can go on. Raises :class:`Conflict` on a second
-        vote. Returns the vote row; it is committed when this returns.
+        ``pair`` is the pair's id, or its row as :meth:`pair` gave it (a caller that has read
+        it already need not read it again). ``a``/``b`` keep that answer, ``written`` keeps
+        ``answer``; ``tie`` and ``both_bad`` keep answer A so the conversation can go on.
+        Raises :class:`Conflict` on a second vote. Returns the vote row; it is committed when
+        this returns.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
         if (choice == "written") != (answer is not None):
             raise ValueError("a written answer comes with choice 'written', and only then")
-        with self._lock:
-            pair = self.pair(pair_id)
-            kept = {"a": pair["text_a"], "b": pair["text_b"], "written": answer}.get(
-                choice, pair["text_a"])
-            user_turn = pair["context"][-1]["content"]
-            row = {"pair_id": pair_id, "choice": choice, "answer": answer,
-                   "client_id": client_id, "created_at": now()}
-            try:
-                with self._write():
-                    self.db["votes"].insert(row)
-                    position = self.db.execute(
-                        "select count(*) from messages where conversation_id = ?",
-                        [pair["conversation_id"]]).fetchone()[0]
-                    self.db["messages"].insert_all([
-                        {"conversation_id": pair["conversation_id"], "position": position,
-                         "role": "user", "content": user_turn, "pair_id": pair_id,
-                         "created_at": row["created_at"]},
-                        {"conversation_id": pair["conversation_id"], "position": position + 1,
-                         "role": "assistant", "content": kept, "pair_id": pair_id,
-                         "created_at": row["created_at"]}])
-                    self.db["conversations"].update(pair["conversation_id"],
-                                                    {"updated_at": row["created_at"]})
-            except sqlite3.IntegrityError:
-                if self.vote_of(pair_id) is not None:
-                    raise Conflict(f"pair {pair_id} already has a vote") from None
-                raise
+        if isinstance(pair, str):
+            pair = self.pair(pair)
+        conversation_id = pair["conversation_id"]
+        kept = {"a": pair["text_a"], "b": pair["text_b"], "written": answer}.get(
+            choice, pair["text_a"])
+        row = {"pair_id": pair["id"], "choice": choice, "answer": answer,
+               "client_id": client_id, "created_at": now()}
+        try:
+            # Plain SQL: sqlite-utils' table helpers look up the schema first (a dozen
+            # statements more on every vote).
+            with self._write():
+                self.db.execute("insert into votes (pair_id, choice, answer, client_id, "
+                                "created_at) values (:pair_id, :choice, :answer, :client_id, "
+                                ":created_at)", row)
+                position = self.db.execute(
+                    "select count(*) from messages where conversation_id = ?",
+                    [conversation_id]).fetchone()[0]
+                self.db.conn.executemany(
+                    "insert into messages (conversation_id, position, role, content, pair_id, "
+                    "created_at) values (?, ?, ?, ?, ?, ?)",
+                    [(conversation_id, position, "user", pair["context"][-1]["content"],
+                      pair["id"], row["created_at"]),
+                     (conversation_id, position + 1, "assistant", kept, pair["id"],
+                      row["created_at"])])
+                self.db.execute("update conversations set updated_at = ? where id = ?",
+                                [row["created_at"], conversation_id])
+        except sqlite3.IntegrityError:
+            if self.vote_of(pair["id"]) is not None:
+                raise Conflict(f"pair {pair['id']} already has a vote") from None
+            raise
         return row
 
     def import_pair(self, context: list[dict[str, str]], chosen: str, rejected: str,
                     fingerprint: str) -> bool:
         """Store an outside preference as a conversation, a pair and its vote (``a`` =
         chosen). Returns False, storing nothing, when ``fingerprint`` is already here."""
-        with self._lock:
+        with self._write():
             if self.db.execute("select 1 from pairs where fingerprint = ?",
                                [fingerprint]).fetchone():
                 return False
-            with self._write():
-                conversation_id, pair_id, stamp = new_id(), new_id(), now()
-                self.db["conversations"].insert({"id": conversation_id, "created_at": stamp,
-                                                 "updated_at": stamp})
-                self.db["pairs"].insert({
-                    "id": pair_id, "conversation_id": conversation_id, "turn": 0,
-                    "kind": "import", "context": json.dumps(context, ensure_ascii=False),
-                    "dropped_messages": 0, "policy_a": "import", "policy_b": "import",
-                    "text_a": chosen, "text_b": rejected, "sampling": "{}",
-                    "fingerprint": fingerprint, "created_at": stamp})
-                self.db["votes"].insert({"pair_id": pair_id, "choice": "a",
-                                         "created_at": stamp})
-                self.db["messages"].insert_all([
-                    {"conversation_id": conversation_id, "position": i, "role": m["role"],
-                     "content": m["content"], "pair_id": pair_id, "created_at": stamp}
-                    for i, m in enumerate(context + [{"role": "assistant",
-                                                      "content": chosen}])])
+            conversation_id, pair_id, stamp = new_id(), new_id(), now()
+            self.db["conversations"].insert({"id": conversation_id, "created_at": stamp,
+                                             "updated_at": stamp})
+            self.db["pairs"].insert({
+                "id": pair_id, "conversation_id": conversation_id, "turn": 0,
+                "kind": "import", "context": json.dumps(context, ensure_ascii=False),
+                "dropped_messages": 0, "policy_a": "import", "policy_b": "import",
+                "text_a": chosen, "text_b": rejected, "sampling": "{}",
+                "fingerprint": fingerprint, "created_at": stamp})
+            self.db["votes"].insert({"pair_id": pair_id, "choice": "a", "created_at": stamp})
+            self.db["messages"].insert_all([
+                {"conversation_id": conversation_id, "position": i, "role": m["role"],
+                 "content": m["content"], "pair_id": pair_id, "created_at": stamp}
+                for i, m in enumerate(context + [{"role": "assistant", "content": chosen}])])
         return True
 
     def vote_of(self, pair_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            rows = list(self.db["votes"].rows_where("pair_id = ?", [pair_id]))
+        with self._read() as db:
+            rows = list(db["votes"].rows_where("pair_id = ?", [pair_id]))
         return rows[0] if rows else None
 
     def voted_pairs(self, since: str | None = None) -> Iterator[dict[str, Any]]:
@@ -280,8 +331,8 @@ class Store:
                f"coalesce(v.client_id in ({FLAGGED}), 0) as flagged_client "
                "from pairs p join votes v on v.pair_id = p.id "
                f"where {where}")
-        with self._lock:
-            rows = [dict(r) for r in self.db.query(sql + " order by v.rowid", params)]
+        with self._read() as db:
+            rows = [dict(r) for r in db.query(sql + " order by v.rowid", params)]
         for row in rows:
             row["context"] = json.loads(row["context"])
             yield row
@@ -293,8 +344,8 @@ class Store:
             f"v.choice in ('a', 'b', 'written') and v.rowid > ? and {COUNTED}", [after_vote])
 
     def count_trainable(self, after_vote: int = 0) -> int:
-        with self._lock:
-            return self.db.execute(
+        with self._read() as db:
+            return db.execute(
                 "select count(*) from votes v where v.choice in ('a', 'b', 'written') "
                 f"and v.rowid > ? and {COUNTED}", [after_vote]).fetchone()[0]
 
@@ -311,28 +362,39 @@ class Store:
         if since is not None:
             where.append("v.created_at > ?")
             params.append(since)
-        with self._lock:
-            return [dict(r) for r in self.db.query(
+        with self._read() as db:
+            return _dicts(db.execute(
                 "select p.id as pair_id, p.policy_a, p.policy_b, v.choice, "
                 "v.created_at as voted_at from pairs p join votes v on v.pair_id = p.id "
-                f"where {' and '.join(where)} order by v.rowid", params)]
+                f"where {' and '.join(where)} order by v.rowid", params))
+
+    def duel_votes_key(self) -> tuple[Any, ...]:
+        """A value that changes whenever :meth:`duel_votes` (all of them) would change: a
+        duel vote added (or removed), a client flagged or cleared. Cheaper than the votes."""
+        with self._read() as db:
+            return tuple(db.execute(
+                "select count(*), max(v.rowid), "
+                "(select count(*) from client_flags where cleared_at is null), "
+                "(select max(flagged_at) from client_flags), "
+                "(select max(cleared_at) from client_flags) "
+                "from pairs p join votes v on v.pair_id = p.id where p.kind = 'duel'").fetchone())
 
     def votes_by_choice(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self.db.execute(
+        with self._read() as db:
+            counts = dict(db.execute(
                 "select choice, count(*) from votes group by choice").fetchall())
         return {choice: counts.get(choice, 0) for choice in CHOICES}
 
     def rounds_by_status(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self.db.execute(
+        with self._read() as db:
+            counts = dict(db.execute(
                 "select status, count(*) from rounds group by status").fetchall())
         return {status: counts.get(status, 0) for status in ROUND_STATUSES}
 
     def votes_per_hour(self, hours: int = 48) -> list[dict[str, Any]]:
         """Votes counted per UTC hour, the last ``hours`` hours that had any."""
-        with self._lock:
-            rows = self.db.query(
+        with self._read() as db:
+            rows = db.query(
                 "select substr(created_at, 1, 13) as hour, count(*) as votes from votes "
                 "group by hour order by hour desc limit ?", [hours])
             return sorted((dict(r) for r in rows), key=lambda r: r["hour"])
@@ -343,14 +405,14 @@ class Store:
         """A client's votes with vote rowid > ``after_vote``, oldest first, with what the
         voter review needs: choice, voted_at, the pair's kind, policies, created_at
         (``pair_at``: both answers complete), timings and answer lengths in characters."""
-        with self._lock:
-            return [dict(r) for r in self.db.query(
+        with self._read() as db:
+            return _dicts(db.execute(
                 "select v.rowid as vote_rowid, v.choice, v.created_at as voted_at, p.kind, "
                 "p.policy_a, p.policy_b, p.created_at as pair_at, p.first_token_ms, "
                 "p.total_ms, length(p.text_a) as chars_a, length(p.text_b) as chars_b "
                 "from votes v join pairs p on p.id = v.pair_id "
                 "where v.client_id = ? and v.rowid > ? order by v.rowid",
-                [client_id, after_vote])]
+                [client_id, after_vote]))
 
     def duel_consensus(self, client_id: str) -> dict[tuple[str, str], tuple[int, int]]:
         """For each policy pair (sorted) the client cast a decisive duel vote on: the decisive
@@ -371,14 +433,15 @@ class Store:
             where v.choice in ('a', 'b') and (v.client_id is null or v.client_id != ?)
               and {COUNTED}
             group by m.lo, m.hi"""
-        with self._lock:
-            rows = self.db.execute(sql, [client_id, client_id]).fetchall()
+        with self._read() as db:
+            rows = db.execute(sql, [client_id, client_id]).fetchall()
         return {(lo, hi): (lo_wins, hi_wins) for lo, hi, lo_wins, hi_wins in rows}
 
     def client_flag(self, client_id: str) -> dict[str, Any] | None:
         """The client's flag row (``cleared_at`` set: cleared), ``None`` if never flagged."""
-        with self._lock:
-            rows = list(self.db["client_flags"].rows_where("client_id = ?", [client_id]))
+        with self._read() as db:
+            rows = _dicts(db.execute("select * from client_flags where client_id = ?",
+                                     [client_id]))
         return _flag_row(rows[0]) if rows else None
 
     def flag_client(self, client_id: str, reasons: list[str]) -> bool:
@@ -409,8 +472,8 @@ class Store:
     def flagged_clients(self) -> list[dict[str, Any]]:
         """Clients flagged now, oldest flag first: client_id, reasons (list), flagged_at and
         votes (how many of its votes are held back)."""
-        with self._lock:
-            rows = self.db.query(
+        with self._read() as db:
+            rows = db.query(
                 "select f.client_id, f.reasons, f.flagged_at, "
                 "(select count(*) from votes v where v.client_id = f.client_id) as votes "
                 "from client_flags f where f.cleared_at is null order by f.flagged_at")
@@ -455,29 +518,29 @@ class Store:
         return ids
 
     def round(self, round_id: int) -> dict[str, Any]:
-        with self._lock:
-            rows = list(self.db["rounds"].rows_where("id = ?", [round_id]))
+        with self._read() as db:
+            rows = list(db["rounds"].rows_where("id = ?", [round_id]))
         if not rows:
             raise NotFound(f"round {round_id} does not exist")
         return _round_row(rows[0])
 
     def rounds(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest rounds, newest first."""
-        with self._lock:
-            rows = list(self.db["rounds"].rows_where(order_by="id desc", limit=limit))
+        with self._read() as db:
+            rows = list(db["rounds"].rows_where(order_by="id desc", limit=limit))
         return [_round_row(r) for r in rows]
 
     def last_trained_vote(self) -> int:
         """The highest vote rowid a succeeded round trained on (0: none yet)."""
-        with self._lock:
-            value = self.db.execute("select max(votes_until) from rounds "
-                                    "where status = 'succeeded'").fetchone()[0]
+        with self._read() as db:
+            value = db.execute("select max(votes_until) from rounds "
+                               "where status = 'succeeded'").fetchone()[0]
         return value or 0
 
     # -- adapters and the champion --------------------------------------------------------
 
     def add_adapter(self, name: str, path: Path, round_id: int | None, parent: str,
-                    state: str = "candidate", reason: str | None = None, *,
+                    state: str = AdapterState.CANDIDATE, reason: str | None = None, *,
                     kl_per_token: float | None = None,
                     kl_per_answer: float | None = None) -> None:
         """Record a new adapter with its state and, when the KL probe measured it,
@@ -490,16 +553,16 @@ class Store:
                  "kl_per_token": kl_per_token, "kl_per_answer": kl_per_answer})
 
     def adapter(self, name: str) -> dict[str, Any]:
-        with self._lock:
-            rows = list(self.db["adapters"].rows_where("name = ?", [name]))
+        with self._read() as db:
+            rows = _dicts(db.execute("select * from adapters where name = ?", [name]))
         if not rows:
             raise NotFound(f"adapter {name!r} does not exist")
         return rows[0]
 
     def adapters(self) -> list[dict[str, Any]]:
         """All adapter versions, oldest first."""
-        with self._lock:
-            return [dict(r) for r in self.db["adapters"].rows_where(order_by="name")]
+        with self._read() as db:
+            return [dict(r) for r in db["adapters"].rows_where(order_by="name")]
 
     def set_adapter_state(self, name: str, state: str, reason: str | None = None) -> None:
         with self._write():
@@ -509,33 +572,39 @@ class Store:
 
     def champion(self) -> str:
         """The policy new turns come from: ``base`` or an adapter name."""
-        return self.get_state("champion") or "base"
+        return self.get_state("champion") or BASE
 
     def candidate(self) -> str | None:
-        with self._lock:
-            row = self.db.execute("select name from adapters where state = 'candidate' "
-                                  "order by name desc limit 1").fetchone()
-        return row[0] if row else None
+        row = self.candidate_adapter()
+        return row["name"] if row else None
+
+    def candidate_adapter(self) -> dict[str, Any] | None:
+        """The newest candidate's adapter row, if there is a candidate."""
+        with self._read() as db:
+            rows = _dicts(db.execute("select * from adapters where state = 'candidate' "
+                                     "order by name desc limit 1"))
+        return rows[0] if rows else None
 
     def candidate_other_than(self, name: str) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self.db.execute(
+        with self._read() as db:
+            return [r[0] for r in db.execute(
                 "select name from adapters where state = 'candidate' and name != ?", [name])]
 
-    def crown(self, policy: str, reason: str, old_state: str = "retired") -> str:
+    def crown(self, policy: str, reason: str, old_state: str = AdapterState.RETIRED) -> str:
         """Make ``policy`` (``base`` or an adapter) the champion in one transaction; the old
         champion adapter goes to ``old_state`` (``retired``, or ``rolled_back``). Returns
         the old champion."""
         with self._write():
-            if policy != "base":
+            if policy != BASE:
                 self.adapter(policy)
             old = self.champion()
             stamp = now()
-            if old != "base" and old != policy:
+            if old != BASE and old != policy:
                 self.db["adapters"].update(old, {"state": old_state, "state_at": stamp,
                                                  "reason": reason})
-            if policy != "base":
-                self.db["adapters"].update(policy, {"state": "champion", "state_at": stamp,
+            if policy != BASE:
+                self.db["adapters"].update(policy, {"state": AdapterState.CHAMPION,
+                                                    "state_at": stamp,
                                                     "reason": reason})
             self.db["loop_state"].upsert_all(
                 [{"key": "champion", "value": policy}, {"key": "champion_since", "value": stamp}],
@@ -547,9 +616,8 @@ class Store:
         return self.get_state("champion_since")
 
     def get_state(self, key: str) -> str | None:
-        with self._lock:
-            row = self.db.execute("select value from loop_state where key = ?",
-                                  [key]).fetchone()
+        with self._read() as db:
+            row = db.execute("select value from loop_state where key = ?", [key]).fetchone()
         return row[0] if row else None
 
     def set_state(self, key: str, value: str) -> None:
@@ -559,14 +627,20 @@ class Store:
     # -- overview -------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {name: self.db[name].count for name in
+        with self._read() as db:
+            return {name: db[name].count for name in
                     ("conversations", "messages", "pairs", "votes", "rounds", "adapters")}
 
     def check(self) -> None:
         """Raise if the database cannot answer a trivial query."""
-        with self._lock:
-            self.db.execute("select 1").fetchone()
+        with self._read() as db:
+            db.execute("select 1").fetchone()
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A query's rows as dicts (sqlite-utils' helpers would look up the schema first)."""
+    columns = [column[0] for column in cursor.description]
+    return [dict(zip(columns, row, strict=True)) for row in cursor]
 
 
 def _flag_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -7,26 +7,16 @@ from __future__ import annotations
 
 import json
 import signal
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import click
 
-from prefloop.trainer.settings import (
-    BATCH_ORDERS,
-    DEFAULT_TARGET_MODULES,
-    LOSSES,
-    PRECISIONS,
-    RoundConfig,
-)
-
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"  # folder name `prefloop model prepare` writes
-
-
-def _default(name: str) -> Any:
-    return {f.name: f.default for f in fields(RoundConfig)}[name]
+from prefloop.names import EMBEDDED_NAME
+from prefloop.trainer.settings import RoundConfig, option_name
 
 
 def default_model() -> Path:
@@ -41,67 +31,56 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+# What click checks of the path options before a round starts.
+_PATHS = {"pairs": click.Path(exists=True, dir_okay=False, path_type=Path),
+          "out": click.Path(path_type=Path),
+          "init_adapter": click.Path(exists=True, file_okay=False, path_type=Path),
+          "model": click.Path(path_type=Path)}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int}
+
+
+def _split_modules(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def _option(f: Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The command-line option for one :class:`RoundConfig` field, from its type, default,
+    help and choices."""
+    help, choices = f.metadata["help"], f.metadata["choices"]
+    name = option_name(f.name)
+    if f.name == "model":  # not required here: the embedded model is the default
+        return click.option(name, type=_PATHS["model"], default=None,
+                            help=help[:-1] + " [default: the embedded model under the data "
+                                             "directory].")
+    if f.default is MISSING:
+        return click.option(name, type=_PATHS[f.name], required=True, help=help)
+    if f.type == "bool":
+        return click.option(name, is_flag=True, help=help)
+    if f.name in _PATHS:
+        return click.option(name, type=_PATHS[f.name], default=None, help=help)
+    if f.type == "tuple[str, ...]":
+        return click.option(name, default=",".join(f.default), show_default=True,
+                            callback=_split_modules, help=help)
+    kind = click.Choice(choices) if choices else _TYPES[str(f.type)]
+    return click.option(name, type=kind, default=f.default, show_default=f.default is not None,
+                        help=help)
+
+
+def _round_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every :class:`RoundConfig` field as an option, in the order of its fields."""
+    for f in reversed(fields(RoundConfig)):
+        command = _option(f)(command)
+    return command
+
+
 @click.command("train")
-@click.option("--pairs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="Preference pairs, JSONL (TRL conversational or standard).")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Adapter folder to create (must not exist).")
-@click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Continue training this adapter instead of a new one.")
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Base model, a local Hugging Face folder [default: the embedded model "
-                   "under the data directory].")
-@click.option("--loss", type=click.Choice(LOSSES), default=_default("loss"), show_default=True,
-              help="Preference loss.")
-@click.option("--beta", type=float, default=_default("beta"), show_default=True,
-              help="Strength of the pull towards the reference model.")
-@click.option("--label-smoothing", type=float, default=_default("label_smoothing"),
-              show_default=True, help="Assumed share of flipped labels (cdpo, robust).")
-@click.option("--lr", type=float, default=_default("lr"), show_default=True,
-              help="Peak learning rate.")
-@click.option("--epochs", type=int, default=_default("epochs"), show_default=True,
-              help="Passes over the pairs.")
-@click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True,
-              help="Pairs per forward.")
-@click.option("--micro-batch", type=int, default=_default("micro_batch"), show_default=True,
-              help="Pairs per forward/backward pass (less memory; 0: whole batch).")
-@click.option("--batch-order", type=click.Choice(BATCH_ORDERS),
-              default=_default("batch_order"), show_default=True,
-              help="length: similar lengths together, shuffled; file: the file's order.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=_default("precision"),
-              show_default=True,
-              help="auto: bf16 on a GPU that has it, else fp32 (bf16 on CPU: autocast).")
-@click.option("--grad-accum", type=int, default=_default("grad_accum"), show_default=True,
-              help="Forwards per optimizer step.")
-@click.option("--max-length", type=int, default=_default("max_length"), show_default=True,
-              help="Most tokens per sequence (prompt + answer).")
-@click.option("--lora-r", type=int, default=_default("lora_r"), show_default=True,
-              help="LoRA rank.")
-@click.option("--lora-alpha", type=int, default=_default("lora_alpha"), show_default=True,
-              help="LoRA scale numerator (scale = alpha / r).")
-@click.option("--lora-dropout", type=float, default=_default("lora_dropout"), show_default=True,
-              help="Dropout on the LoRA input.")
-@click.option("--target-modules", default=",".join(DEFAULT_TARGET_MODULES), show_default=True,
-              help="Comma-separated module names LoRA wraps, or 'all-linear'.")
-@click.option("--val-fraction", type=float, default=_default("val_fraction"), show_default=True,
-              help="Share of pairs held out to measure before and after training.")
-@click.option("--warmup-ratio", type=float, default=_default("warmup_ratio"), show_default=True,
-              help="Share of steps over which the learning rate ramps up.")
-@click.option("--seed", type=int, default=_default("seed"), show_default=True,
-              help="Seed for the split, batch order, LoRA init and dropout.")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads [default: one per core; use fewer beside a busy vLLM server].")
-@click.option("--skip-invalid", is_flag=True, help="Skip and count bad lines instead of failing.")
+@_round_options
 @click.option("--json", "json_lines", is_flag=True,
               help="Print one JSON line per step and evaluation, and a final one, on stdout.")
-def train_command(json_lines: bool, model: Path | None, target_modules: str,
-                  **options: Any) -> None:
+def train_command(json_lines: bool, model: Path | None, **options: Any) -> None:
     """Train one LoRA DPO round on a preference file and write the adapter to --out."""
     try:
-        config = RoundConfig(model=model or default_model(),
-                             target_modules=tuple(t.strip() for t in target_modules.split(",")
-                                                  if t.strip()),
-                             **options)
+        config = RoundConfig(model=model or default_model(), **options)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
 

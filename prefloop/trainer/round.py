@@ -11,12 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,8 +25,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from prefloop.atomic import atomic_path
 from prefloop.hardware import cpu_has_native_bf16
-from prefloop.trainer.batch import Batch, completion_logps, make_batches
+from prefloop.trainer.batch import (
+    Batch,
+    HeadMismatch,
+    check_head,
+    completion_logps,
+    make_batches,
+)
 from prefloop.trainer.data import read_pairs
 from prefloop.trainer.loss import preference_loss
 from prefloop.trainer.settings import RoundConfig
@@ -73,6 +77,10 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
                                  config.batch_order)
     val_batches = make_batches(pairs, val_index, config.batch_size, rng, pad_id)
     model = load_policy(config, device, dtype)
+    try:  # before any work: a head prefloop gets wrong would train on wrong log-probs
+        check_head(model, (train_batches + val_batches)[0].to(device))
+    except HeadMismatch as exc:
+        raise RoundError(str(exc)) from None
     loaded = time.perf_counter()
 
     # bf16 autocast (where the CPU or GPU multiplies bf16 natively) covers the reference and
@@ -311,17 +319,13 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 def save_adapter(model: PeftModel, metrics: dict[str, Any], out: Path, base_model: Path) -> None:
     """Write the adapter and metrics.json to a temporary folder, then rename it to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        # vLLM loads the base model named here; make it the absolute path we trained on.
-        model.peft_config[model.active_adapter].base_model_name_or_path = \
-            str(base_model.resolve())
-        model.save_pretrained(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a finished adapter is a normal folder
-        if out.exists():
-            raise RoundError(f"{out} appeared while training; the adapter was not written")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_path(out, folder=True, replace=False) as tmp:
+            # vLLM loads the base model named here; make it the absolute path we trained on.
+            model.peft_config[model.active_adapter].base_model_name_or_path = \
+                str(base_model.resolve())
+            model.save_pretrained(str(tmp))
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    except FileExistsError:
+        raise RoundError(f"{out} appeared while training; the adapter was not written") \
+            from None

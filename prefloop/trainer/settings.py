@@ -5,8 +5,9 @@ Kept free of torch so the command line can show its help and reject bad flags at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 LOSSES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 # auto: bf16 on a GPU that has it, fp32 on a CPU; bf16 on a CPU means bf16 autocast (needs
@@ -33,46 +34,63 @@ def check_loss_settings(loss: str, beta: float, label_smoothing: float = 0.0) ->
                          f"losses; pick one of them or set label_smoothing to 0 for {loss!r}")
 
 
+def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A :class:`RoundConfig` field with its help text (and allowed values): the trainer's
+    command line and the loop's ``train_*`` settings are made from these."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+_REQUIRED: Any = MISSING  # a knob with no default: the command line requires it
+
+
 @dataclass(frozen=True)
 class RoundConfig:
-    """Everything one round is told. Bad values raise ValueError on construction.
+    """Everything one round is told: the one definition of the trainer's knobs. The trainer's
+    options (:mod:`prefloop.trainer.cli`), the argv that runs it (:func:`arguments`) and the
+    loop's ``train_*`` settings derive from these fields. Bad values raise ValueError on
+    construction.
 
     The defaults suit the embedded SmolLM2-135M-Instruct on a CPU.
     """
 
-    pairs: Path  # JSONL preference file (TRL conversational or standard format)
-    out: Path  # adapter folder to create; must not exist
-    model: Path  # base model, a local Hugging Face folder
-    init_adapter: Path | None = None  # continue training this adapter instead of a new one
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    lr: float = 1e-4
-    epochs: int = 1
-    batch_size: int = 8  # pairs per batch (2x that many sequences)
-    grad_accum: int = 1  # batches per optimizer step
-    # Pairs per forward/backward pass: a batch goes through in chunks of this many pairs, its
-    # gradients summed, so the activations kept for backward are those of one chunk (0: the
-    # whole batch at once). The maths of the step does not change.
-    micro_batch: int = 4
-    # "length": batches of pairs of similar length (less padding), shuffled each epoch;
-    # "file": consecutive pairs in file order, every epoch the same (to replay a given order).
-    batch_order: str = "length"
-    precision: str = "auto"
-    max_length: int = 512  # tokens per sequence, prompt plus answer
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # or ("all-linear",)
-    val_fraction: float = 0.1  # pairs held out to measure before and after training
-    seed: int = 0
-    warmup_ratio: float = 0.1  # share of the steps over which the learning rate ramps up
-    max_grad_norm: float = 1.0
-    skip_invalid: bool = False  # skip (and count) bad lines instead of failing
-    # CPU threads for torch (None: torch's default, one per core). Where a busy vLLM server
-    # shares the cores, fewer threads than cores avoids threads spinning while they wait for
-    # each other: measured here, 2 threads beside busy vLLM on 2 cores ran 5-7x slower than 1.
-    threads: int | None = None
+    pairs: Path = knob(_REQUIRED, "Preference pairs, JSONL (TRL conversational or standard).")
+    out: Path = knob(_REQUIRED, "Adapter folder to create (must not exist).")
+    model: Path = knob(_REQUIRED, "Base model, a local Hugging Face folder.")
+    init_adapter: Path | None = knob(None, "Continue training this adapter instead of a new one.")
+    loss: str = knob("sigmoid", "Preference loss.", choices=LOSSES)
+    beta: float = knob(0.1, "Strength of the pull towards the reference model.")
+    label_smoothing: float = knob(0.0, "Assumed share of flipped labels (cdpo, robust).")
+    lr: float = knob(1e-4, "Peak learning rate.")
+    epochs: int = knob(1, "Passes over the pairs.")
+    batch_size: int = knob(8, "Pairs per batch (2x that many sequences); an optimizer step "
+                              "takes --grad-accum batches.")
+    grad_accum: int = knob(1, "Batches per optimizer step.")
+    # A batch goes through in chunks of this many pairs, its gradients summed, so the
+    # activations kept for backward are those of one chunk. The maths of the step does not
+    # change.
+    micro_batch: int = knob(4, "Pairs per forward/backward pass (less memory; 0: whole batch).")
+    # "file" replays a given order: consecutive pairs, every epoch the same.
+    batch_order: str = knob("length", "length: similar lengths together, shuffled each epoch; "
+                                      "file: the file's order.", choices=BATCH_ORDERS)
+    precision: str = knob("auto", "auto: bf16 on a GPU that has it, else fp32 (bf16 on CPU: "
+                                  "autocast).", choices=PRECISIONS)
+    max_length: int = knob(512, "Most tokens per sequence (prompt + answer).")
+    lora_r: int = knob(16, "LoRA rank.")
+    lora_alpha: int = knob(32, "LoRA scale numerator (scale = alpha / r).")
+    lora_dropout: float = knob(0.05, "Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = knob(DEFAULT_TARGET_MODULES, "Comma-separated module "
+                                           "names LoRA wraps, or 'all-linear'.")
+    val_fraction: float = knob(0.1, "Share of pairs held out to measure before and after "
+                                    "training.")
+    seed: int = knob(0, "Seed for the split, batch order, LoRA init and dropout.")
+    warmup_ratio: float = knob(0.1, "Share of steps over which the learning rate ramps up.")
+    max_grad_norm: float = knob(1.0, "Gradients are clipped to this norm.")
+    skip_invalid: bool = knob(False, "Skip and count bad lines instead of failing.")
+    # Where a busy vLLM server shares the cores, fewer threads than cores avoids threads
+    # spinning while they wait for each other: measured here, 2 threads beside busy vLLM on
+    # 2 cores ran 5-7x slower than 1.
+    threads: int | None = knob(None, "CPU threads [default: one per core; use fewer beside a "
+                                     "busy vLLM server].")
 
     def __post_init__(self) -> None:
         check_loss_settings(self.loss, self.beta, self.label_smoothing)
@@ -99,3 +117,24 @@ class RoundConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def option_name(name: str) -> str:
+    """The trainer's command-line option for a :class:`RoundConfig` field."""
+    return "--" + name.replace("_", "-")
+
+
+def arguments(config: RoundConfig) -> list[str]:
+    """The trainer's command line that rebuilds ``config`` (the inverse of its options)."""
+    args: list[str] = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None or value is False:
+            continue  # the option's default: no init adapter, torch's threads, a plain flag
+        if value is True:
+            args.append(option_name(f.name))
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        args += [option_name(f.name), repr(value) if isinstance(value, float) else str(value)]
+    return args
