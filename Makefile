@@ -56,10 +56,19 @@ chromium:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prefloop tests bench
 
-# Two workers: the tests that need vLLM or train run in order on one (tests/conftest.py),
-# the quick ones on the other.
+# Two pytest processes at once: the tests that need the session's vLLM (marked `vllm` by
+# tests/conftest.py; one vLLM, in file order) and, beside them, all the others, whose
+# report follows. Both must pass.
+OTHERS_LOG := .cache/other-tests.log
 test: $(STAMP) chromium lint
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=25
+	@mkdir -p .cache
+	@$(PY) -m pytest -m "not vllm" -p no:cacheprovider --durations=10 \
+	  --basetemp=$${TMPDIR:-/tmp}/prefloop-other-tests > $(OTHERS_LOG) 2>&1 & others=$$!; \
+	$(PY) -m pytest -m vllm --durations=25; vllm=$$?; \
+	wait $$others; others=$$?; \
+	echo "---- the tests without the session's vLLM, run beside those: $(OTHERS_LOG)"; \
+	if [ $$others -eq 0 ]; then tail -n 25 $(OTHERS_LOG); else cat $(OTHERS_LOG); fi; \
+	[ $$vllm -eq 0 ] && [ $$others -eq 0 ]
 
 # The suite as a 2-core AVX2-only machine (no native bf16) sees it, rehearsed on a bigger one:
 # torch and oneDNN held to AVX2 kernels, and prefloop told the CPU has no native bf16.

@@ -34,15 +34,25 @@ ANSWER_TIMEOUT_MS = 300_000  # a pair of answers written by vLLM, shown in the p
 PROBE_PROMPTS = 4
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by it
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: two workers), every test marked slow or needing the
-    session's vLLM runs on one worker, in file order: one vLLM for the session, and the
-    module-scoped servers and loops shared as without xdist; the quick tests run on the
-    other worker meanwhile (vLLM and the trainer leave a core mostly idle)."""
+    """Mark `vllm` every test that needs the session's vLLM server. `make test` runs those
+    in one pytest process (one vLLM, in file order) and everything else in a second one at
+    the same time."""
     for item in items:
-        if item.get_closest_marker("slow") or "vllm_server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("vllm"))
+        if "vllm_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+
+
+@pytest.fixture
+def own_vllm_turn() -> Iterator[None]:
+    """Held by a test while `prefloop serve` runs its own vLLM: `make test`'s two processes
+    then never run two of those at once beside the session's (memory for three is short)."""
+    from filelock import FileLock
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(CACHE / ".own-vllm.lock"):
+        yield
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str,
@@ -70,7 +80,7 @@ def embedded_model(models_dir: Path) -> Path:
 
     from prefloop.serving.models import prepare_model
 
-    # `make test` runs two pytest workers: the first to get here converts, the other waits.
+    # `make test` runs two pytest processes: the first to get here converts, the other waits.
     with FileLock(models_dir / ".embedded.lock"):
         return prepare_model("embedded", models_dir, progress=lambda _: None)
 

@@ -77,12 +77,13 @@ def test_trainer_killed_while_saving_leaves_no_partial_adapter(rig: LoopRig) -> 
     # rename that would make it an adapter.
     rig.loop.trainer_command = wrapped_trainer(
         "import os, signal\n"
-        "real_rename = os.rename\n"
-        "def rename(src, dst):\n"
-        "    if '.tmp-' in str(src):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    real_rename(src, dst)\n"
-        "os.rename = rename\n")
+        "def dying(real):\n"
+        "    def rename(src, dst, *args, **kwargs):\n"
+        "        if '.tmp-' in str(src):\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return real(src, dst, *args, **kwargs)\n"
+        "    return rename\n"
+        "os.rename, os.replace = dying(os.rename), dying(os.replace)\n")
     assert_failed_cleanly(rig, rig.loop.run_round("admin"), "exited with code -9")
 
 

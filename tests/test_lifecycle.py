@@ -74,7 +74,8 @@ def vllm_tokens(data_dir: Path) -> float:
     return metric_sum(page, "vllm:generation_tokens_total")
 
 
-def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, external_args):
+def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, external_args,
+                                    own_vllm_turn):
     data_dir = tmp_path / "data"
     # A champion and a candidate, so every turn is a duel between two adapters.
     adapter = lora_adapter(embedded_model, data_dir / "adapters" / "v0001")
@@ -152,7 +153,7 @@ def test_crash_restart_and_shutdown(tmp_path: Path, embedded_model: Path, extern
     assert again.proc.returncode == 0
 
 
-def test_sigterm_stops_vllm_too(tmp_path: Path, embedded_model: Path):
+def test_sigterm_stops_vllm_too(tmp_path: Path, embedded_model: Path, own_vllm_turn):
     data_dir = tmp_path / "data"
     server = ServeProcess(data_dir, ["--model", str(embedded_model)])
     try:

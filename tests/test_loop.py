@@ -45,8 +45,9 @@ class LoopRig:
     """A loop over its own data dir and the session's vLLM, as ``prefloop serve`` builds it."""
 
     def __init__(self, data_dir: Path, vllm_server, model: Path, **overrides) -> None:
+        # Two trainer threads (one as shipped, beside a busy vLLM): a test waits for its round.
         settings = {"data_dir": data_dir, "min_new_pairs": 8, "train_lr": 5e-4,
-                    "train_epochs": 2, "trainer_threads": 1, "max_tokens": 16,
+                    "train_epochs": 2, "trainer_threads": 2, "max_tokens": 16,
                     "adapter_prefix": f"t{next(_prefixes)}", "rating_resamples": 20,
                     "kl_probe_prompts": PROBE_PROMPTS} | overrides
         self.settings = Settings(**settings)

@@ -23,3 +23,17 @@ def test_names_are_the_strings_stored() -> None:
     assert CHOICES == ("a", "b", "tie", "both_bad", "written")
     assert json.dumps([Choice.BOTH_BAD, PairKind.DUEL]) == '["both_bad", "duel"]'
     assert f"{AdapterState.ROLLED_BACK}" == "rolled_back"
+
+
+def test_the_api_and_the_page_name_the_same_choices_and_kinds() -> None:
+    """The API's request and response types and the page's labels spell the choices and
+    kinds out for their readers (OpenAPI, the Arena tab); they must be these names."""
+    from typing import get_args
+
+    from prefloop.app.api import PairResponse, VoteRequest
+    from prefloop.app.arena import VOTE_LABELS
+
+    [choices, _none] = get_args(VoteRequest.model_fields["choice"].annotation)
+    assert get_args(choices) == CHOICES
+    assert set(get_args(PairResponse.model_fields["kind"].annotation)) == set(PairKind)
+    assert tuple(VOTE_LABELS) == CHOICES

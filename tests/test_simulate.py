@@ -24,7 +24,7 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
         "--voters", "4", "--noise", "random:0.25,side:0.25",
         "--report", str(report), "--data-dir", str(data_dir),
         "--promote", "immediate", "--max-tokens", "32", "--train-lr", "5e-4",
-        "--adapter-prefix", "sim", *external_args])
+        "--adapter-prefix", "sim", "--trainer-threads", "2", *external_args])
     assert result.exit_code == 0, result.output
     figures = json.loads((report / "report.json").read_text())
     before, after = figures["points"]
@@ -113,7 +113,7 @@ def test_with_promote_duel_the_last_candidate_is_judged_before_the_end(
         "--eval-prompts", "2", "--base-samples", "1", "--report", str(report),
         "--data-dir", str(tmp_path / "data"), "--promote", "duel", "--max-duel-votes", "6",
         "--duel-share", "1.0", "--baseline-share", "0", "--max-tokens", "16",
-        "--adapter-prefix", "simduel", *external_args])
+        "--adapter-prefix", "simduel", "--trainer-threads", "2", *external_args])
     assert result.exit_code == 0, result.output
     after = json.loads((report / "report.json").read_text())["points"][-1]
     [adapter] = after["adapters"]

@@ -375,7 +375,7 @@ class Loop:
                 log.warning("vLLM did not answer loading %s; trying again in %g s", name, pause)
             except AdapterError as exc:
                 return f"vLLM refused it: {exc}"
-        return None
+        raise AssertionError(f"attempts must be 1 or more, not {attempts}")
 
     def next_adapter_name(self) -> str:
         """A version never used before: above every stored adapter and every folder."""

@@ -44,10 +44,18 @@ class Snapshot:
     votes_until: int  # highest vote rowid in it
 
 
+def _content(pref: Preference) -> str:
+    return json.dumps(to_trl(pref), ensure_ascii=False, sort_keys=True)
+
+
 def snapshot_pairs(store: Store, path: Path, after_vote: int, max_pairs: int,
                    replay_ratio: float, rng: random.Random) -> Snapshot:
     """Write the trainable votes after ``after_vote`` (newest kept if over ``max_pairs``)
-    plus a random replay sample of older ones, as TRL-format JSONL at ``path``."""
+    plus a random replay sample of older ones, as TRL-format JSONL at ``path``.
+
+    The same votes and ``rng`` give the same file: votes are numbered in the order they
+    arrive, which concurrent voters change from run to run, so the replay sample is drawn
+    from, and the shuffle applied to, the preferences sorted by their content."""
     new: list[Preference] = []
     old: list[Preference] = []
     votes_until = after_vote
@@ -57,8 +65,9 @@ def snapshot_pairs(store: Store, path: Path, after_vote: int, max_pairs: int,
         votes_until = max(votes_until, row["vote_rowid"])
     new = new[-max_pairs:]
     room = max_pairs - len(new)
+    old.sort(key=_content)
     replay = rng.sample(old, min(len(old), room, round(replay_ratio * len(new))))
-    chosen = new + replay
+    chosen = sorted(new + replay, key=_content)
     rng.shuffle(chosen)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as out:
