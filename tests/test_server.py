@@ -23,7 +23,7 @@ from tests.conftest import wait_for
 DEAD = Endpoint("http://127.0.0.1:9", "x")  # nothing listens there
 DEADLINE = 120.0  # seconds; a tick comes every 3 s, so only a hang gets near it
 # A trainer that never ends by itself: only the loop's stop ends it.
-FOREVER = (sys.executable, "-c", "import time\nwhile True:\n    time.sleep(0.05)\n")
+FOREVER = (sys.executable, "-c", "import signal\nsignal.pause()\n")
 
 
 def test_healthz_logs_why_the_database_is_unhealthy(tmp_path: Path,
