@@ -204,6 +204,11 @@ def test_delete_vote_through_the_api(app, store: Store) -> None:
         assert owner.delete(f"/api/v1/votes/{'f' * 32}").status_code == 404
         assert owner.delete("/api/v1/votes/not-an-id").status_code == 404
 
+        # /metrics counts votes cast: an undo adds one to the undone, takes none away.
+        metrics = owner.get("/metrics").text
+        assert 'prefloop_votes_total{choice="a"} 1.0' in metrics
+        assert 'prefloop_votes_undone_total{choice="a"} 1.0' in metrics
+
         # Voted again, then too late.
         assert owner.post("/api/v1/votes", json={"pair_id": pair, "choice": "b"}).status_code \
             == 200

@@ -24,6 +24,7 @@ from prefloop.names import BASE, CHOICES, AdapterState, PairKind, new_id
 from prefloop.storage.migrations import migrations
 
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
+UNDONE_KEY = "votes_undone."  # loop_state keys counting undone votes, + the choice
 FLAGGED = "select client_id from client_flags where cleared_at is null"
 """Clients whose votes are held back (loop/voters.py) until an admin clears them."""
 COUNTED = f"(v.client_id is null or v.client_id not in ({FLAGGED}))"
@@ -328,6 +329,10 @@ class Store:
                                "conversation went on after it")
             self.db.execute("delete from messages where pair_id = ?", [pair_id])
             self.db.execute("delete from votes where pair_id = ?", [pair_id])
+            # Counted (no more than that), so that /metrics' vote counter never goes down.
+            key = UNDONE_KEY + row["choice"]
+            self.db.execute("insert into loop_state (key, value) values (?, '1') on conflict "
+                            "(key) do update set value = cast(value as integer) + 1", [key])
             self.db.execute("update conversations set updated_at = ? where id = ?",
                             [now(), row["conversation_id"]])
         return {k: row[k] for k in ("pair_id", "choice", "answer", "client_id", "created_at")}
@@ -425,6 +430,14 @@ class Store:
         with self._read() as db:
             counts = dict(db.execute(
                 "select choice, count(*) from votes group by choice").fetchall())
+        return {choice: counts.get(choice, 0) for choice in CHOICES}
+
+    def votes_undone(self) -> dict[str, int]:
+        """Votes taken back (and deleted) so far, by choice."""
+        with self._read() as db:
+            counts = {k[len(UNDONE_KEY):]: int(v) for k, v in db.execute(
+                "select key, value from loop_state where key like ?",
+                [UNDONE_KEY + "%"]).fetchall()}
         return {choice: counts.get(choice, 0) for choice in CHOICES}
 
     def rounds_by_status(self) -> dict[str, int]:
