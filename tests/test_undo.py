@@ -158,6 +158,11 @@ def test_only_the_voter_may_undo_and_only_within_the_window(settings: Settings,
     assert service.undo_vote(pair, me)["choice"] == "a"
     with pytest.raises(NotFound):
         service.undo_vote(pair, me)
+    duel = pair_of(store, ME, kind=PairKind.DUEL, policies=("v0001", "base"))
+    service.vote(duel, "a", client=me)
+    with pytest.raises(Conflict, match="would not be blind"):
+        service.undo_vote(duel, me)
+    assert store.vote_of(duel) is not None
     off = ChatService(Settings(data_dir=settings.data_dir, undo_seconds=0), store,
                       sampler=None)  # type: ignore[arg-type]
     off.vote(pair, "b", client=me)
@@ -248,3 +253,9 @@ def test_the_undo_button_reopens_the_pair_for_a_new_vote(settings: Settings,
     assert "within 30 s" in late.status and not late.undo and late.typing
     assert store.vote_of(pair)["choice"] == "b"
     assert "no vote" in handlers.undo(late.state, me).status
+
+    duel = pair_of(store, ME, kind=PairKind.DUEL, policies=("v0001", "base"))
+    state = ArenaState(conversation_id=store.pair(duel)["conversation_id"], pair_id=duel,
+                       pending_message="Hi")
+    voted = handlers.vote("a", state, client=me)
+    assert voted.status.startswith("Saved") and not voted.undo and "Undo" not in voted.status

@@ -17,6 +17,7 @@ import gradio as gr
 
 from prefloop.app.chat import ChatService, Forbidden, InputError
 from prefloop.app.guard import Client, Refused, parse_client_id
+from prefloop.names import PairKind
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
 from prefloop.storage.store import Conflict, NotFound
@@ -160,10 +161,11 @@ class ArenaHandlers:
         state.voted_pair_id = state.pair_id
         state.pair_id, state.pending_message = None, None
         window = self.service.settings.undo_seconds
-        undo = f" (Undo takes it back within {window:g} s.)" if window > 0 else ""
+        undoable = window > 0 and result["kind"] != PairKind.DUEL  # a duel's reply named both
+        undo = f" (Undo takes it back within {window:g} s.)" if undoable else ""
         return View(state, _shown(state), status=f"Saved: {VOTE_LABELS[choice]}. "
                     f"{reveal(result)} Send your next message.{undo}", clear_written=True,
-                    undo=window > 0)
+                    undo=undoable)
 
     def undo(self, state: ArenaState | None, client: Client | None = None) -> View:
         """Take back the last vote; its pair awaits a vote again."""

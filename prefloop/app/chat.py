@@ -186,7 +186,8 @@ class ChatService:
         it (``None``, an internal caller, may undo any). Returns the deleted vote row.
 
         :class:`NotFound` for an unknown pair or one without a vote; :class:`Conflict` with
-        the reason when undo is off, the window has passed, or the vote has been used.
+        the reason when undo is off, the window has passed, the vote has been used, or the
+        pair is a duel (its models were named after the vote).
         """
         self.guard.admit_vote(client)  # an undo and a new vote count as two votes
         if not isinstance(pair_id, str) or not pair_id:
@@ -201,6 +202,11 @@ class ChatService:
         window = self.settings.undo_seconds
         if window <= 0:
             raise Conflict("votes cannot be undone on this server (undo_seconds = 0)")
+        if pair["kind"] == PairKind.DUEL:
+            # The vote's reply named both models: a second vote would not be blind, and the
+            # gate counts duel votes.
+            raise Conflict("a vote in a duel cannot be undone: the models were named after "
+                           "the vote, so a second vote would not be blind")
         age = (datetime.now(UTC) - datetime.fromisoformat(vote["created_at"])).total_seconds()
         if age > window:
             raise Conflict(f"the vote was cast {age:.0f} s ago; a vote can be undone only "
