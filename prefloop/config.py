@@ -94,8 +94,8 @@ class Settings:
     max_turns: int = _setting(50, "Most user turns in one conversation.", lo=1, hi=10_000)
     undo_seconds: float = _setting(
         30.0, "Seconds after a vote in which its voter may take it back (0: no undo). An "
-              "undo is refused once a training round or a promotion decision has used the "
-              "vote, or the conversation went on.", lo=0, hi=86_400)
+              "undo is refused once a training round has used the vote or the conversation "
+              "went on, and for duel votes (the reply named the models).", lo=0, hi=86_400)
     # -- limits: a public demo meets crowds -------------------------------------------------
     pairs_per_minute: int = _setting(20, "Pairs one client may ask for per minute (0: no "
                                          "limit).", lo=0, hi=1_000_000)
