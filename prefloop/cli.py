@@ -23,7 +23,7 @@ from prefloop.serving.models import ModelError, is_prepared, model_dir_for, prep
 from prefloop.serving.vllm_server import VLLMError
 from prefloop.sim.crowd import KINDS as VOTER_KINDS
 from prefloop.sim.crowd import NoiseError, parse_noise
-from prefloop.storage.exchange import FORMATS
+from prefloop.storage.exchange import EXPORT_FORMATS, FORMATS
 from prefloop.trainer.cli import train_command
 
 
@@ -129,10 +129,14 @@ def status(settings: Settings, as_json: bool) -> None:
 
 
 @main.command("export")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL file to write (replaced if it exists).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="trl", show_default=True,
-              help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF transcripts.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="JSONL file to write, or the folder for --format hf (replaced if it "
+                   "exists).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="trl",
+              show_default=True,
+              help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF transcripts; hf: "
+                   "a Hugging Face dataset folder (parquet train/test splits and a dataset "
+                   "card; flagged voters' votes left out, client ids hashed).")
 @click.option("--since", default=None, metavar="DATE",
               help="Only votes at or after this ISO date or time (UTC), e.g. 2026-11-01.")
 @click.option("--with-client-ids", is_flag=True,
@@ -140,9 +144,9 @@ def status(settings: Settings, as_json: bool) -> None:
 @settings_options
 def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
                    with_client_ids: bool) -> None:
-    """Write the stored votes as preference pairs (ties and both-bad are left out; pairs
-    voted by a flagged client are kept and marked "flagged_client": true)."""
-    from prefloop.storage.exchange import write_export
+    """Write the stored votes as preference pairs (ties and both-bad are left out; in JSONL,
+    pairs voted by a flagged client are kept and marked "flagged_client": true)."""
+    from prefloop.storage.exchange import EmptyExport, write_export, write_hf_dataset
     from prefloop.storage.store import Store
 
     if since is not None:
@@ -155,12 +159,20 @@ def export_command(settings: Settings, out: Path, fmt: str, since: str | None,
         raise click.ClickException(f"no database at {settings.db_path}; check --data-dir")
     store = Store(settings.db_path)
     try:
-        count = write_export(store, out, fmt, since, with_client_ids)
+        if fmt == "hf":
+            rows = write_hf_dataset(store, out, settings.dataset_license, since,
+                                    with_client_ids)
+            count = sum(rows.values())
+        else:
+            count = write_export(store, out, fmt, since, with_client_ids)
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    except EmptyExport as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         store.close()
-    click.echo(f"wrote {count} pairs to {out}")
+    split = f" (train {rows['train']}, test {rows['test']})" if fmt == "hf" else ""
+    click.echo(f"wrote {count} pairs{split} to {out}")
 
 
 @main.command("import")

@@ -92,6 +92,10 @@ class Settings:
     max_answer_chars: int = _setting(8000, "Most characters in a written better answer.",
                                      lo=1, hi=1_000_000)
     max_turns: int = _setting(50, "Most user turns in one conversation.", lo=1, hi=10_000)
+    undo_seconds: float = _setting(
+        30.0, "Seconds after a vote in which its voter may take it back (0: no undo). An "
+              "undo is refused once a training round has used the vote or the conversation "
+              "went on, and for duel votes (the reply named the models).", lo=0, hi=86_400)
     # -- limits: a public demo meets crowds -------------------------------------------------
     pairs_per_minute: int = _setting(20, "Pairs one client may ask for per minute (0: no "
                                          "limit).", lo=0, hi=1_000_000)
@@ -158,6 +162,10 @@ class Settings:
         16, "Built-in prompts the KL probe answers with each new adapter, one sample each "
             "(beyond the built-in ones they repeat with new seeds; 0: no probe, then "
             "max_kl must be 0).", lo=0, hi=4096)
+    dataset_license: str = _setting(
+        "unknown", "License named in the dataset card of `prefloop export --format hf`: a "
+                   "Hugging Face license id such as cc-by-4.0, or 'other' or 'unknown' "
+                   "(the visitors' terms decide what may be published).")
     rating_resamples: int = _setting(100, "Bootstrap resamples of the rating intervals.",
                                      lo=0, hi=100_000)
 
@@ -180,6 +188,10 @@ class Settings:
             raise ConfigError(f"train_lora_rank ({self.train_lora_rank}) must be at most "
                               f"lora_max_rank ({self.lora_max_rank}): vLLM would refuse the "
                               "adapter")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", self.dataset_license):
+            raise ConfigError("dataset_license: a Hugging Face license id in lower case "
+                              "(e.g. cc-by-4.0, apache-2.0, other, unknown), got "
+                              f"{self.dataset_license!r}")
         if self.max_kl > 0 and self.kl_probe_prompts == 0:
             raise ConfigError(f"max_kl ({self.max_kl:g}) needs the KL probe: set "
                               "kl_probe_prompts above 0, or max_kl = 0 for no KL budget")

@@ -66,6 +66,12 @@ class VoteResponse(BaseModel):
         None, description="'promote' or 'reject' when this vote decided a candidate.")
 
 
+class UndoResponse(BaseModel):
+    pair_id: str
+    choice: str = Field(description="The vote that was taken back.")
+    undone: bool = True
+
+
 class ErrorResponse(BaseModel):
     detail: str
 
@@ -112,6 +118,13 @@ def api_router(service: ChatService) -> APIRouter:
         return VoteResponse(pair_id=row["pair_id"], choice=row["choice"], kind=row["kind"],
                             policy_a=row["policy_a"], policy_b=row["policy_b"],
                             decision=row["decision"])
+
+    @router.delete("/votes/{pair_id}", response_model=UndoResponse, responses=ERRORS)
+    def undo_vote(pair_id: str, request: Request) -> UndoResponse:
+        """Take back your vote on a pair within `undo_seconds` of casting it: it is deleted
+        and never trains; the pair can be voted again. 409 says why when it is too late."""
+        row = service.undo_vote(pair_id, request_client(service, request))
+        return UndoResponse(pair_id=row["pair_id"], choice=row["choice"])
 
     return router
 

@@ -17,6 +17,7 @@ import gradio as gr
 
 from prefloop.app.chat import ChatService, Forbidden, InputError
 from prefloop.app.guard import Client, Refused, parse_client_id
+from prefloop.names import PairKind
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
 from prefloop.storage.store import Conflict, NotFound
@@ -36,6 +37,7 @@ class ArenaState:
     pair_id: str | None = None
     pending_message: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)  # accepted messages
+    voted_pair_id: str | None = None  # the last vote, which Undo takes back
 
 
 @dataclass
@@ -51,6 +53,7 @@ class View:
     typing: bool = True         # message box and send enabled
     clear_message: bool = False
     clear_written: bool = False
+    undo: bool = False          # the Undo button shown (after a vote)
 
     def updates(self) -> tuple[Any, ...]:
         vote = gr.update(interactive=self.voting)
@@ -58,7 +61,8 @@ class View:
                 vote, vote, vote, vote, vote,
                 gr.update(interactive=self.typing, **({"value": ""} if self.clear_message else {})),
                 gr.update(interactive=self.typing),
-                gr.update(**({"value": ""} if self.clear_written else {})))
+                gr.update(**({"value": ""} if self.clear_written else {})),
+                gr.update(visible=self.undo))
 
 
 def reveal(vote: dict[str, Any]) -> str:
@@ -154,9 +158,39 @@ class ArenaHandlers:
                         "please try again.", voting=True, typing=False)
         if state.conversation_id is not None:
             state.history = self.service.store.messages(state.conversation_id)
+        state.voted_pair_id = state.pair_id
         state.pair_id, state.pending_message = None, None
+        window = self.service.settings.undo_seconds
+        undoable = window > 0 and result["kind"] != PairKind.DUEL  # a duel's reply named both
+        undo = f" (Undo takes it back within {window:g} s.)" if undoable else ""
         return View(state, _shown(state), status=f"Saved: {VOTE_LABELS[choice]}. "
-                    f"{reveal(result)} Send your next message.", clear_written=True)
+                    f"{reveal(result)} Send your next message.{undo}", clear_written=True,
+                    undo=undoable)
+
+    def undo(self, state: ArenaState | None, client: Client | None = None) -> View:
+        """Take back the last vote; its pair awaits a vote again."""
+        state = state or ArenaState()
+        pair_id = state.voted_pair_id
+        if pair_id is None or state.pair_id is not None:
+            return View(state, _shown(state), status="There is no vote to take back.",
+                        voting=state.pair_id is not None, typing=state.pair_id is None)
+        try:
+            self.service.undo_vote(pair_id, client)
+            pair = self.service.store.pair(pair_id)
+        except (InputError, NotFound, Conflict, Forbidden, Refused) as exc:
+            state.voted_pair_id = None
+            return View(state, _shown(state), status=f"⚠️ {exc}")
+        except Exception:  # e.g. the database is locked: the vote stands, say so
+            log.exception("undo of the vote on pair %s failed", pair_id)
+            return View(state, _shown(state), status="⚠️ The vote could not be taken back; "
+                        "please try again.", undo=True)
+        state.history = self.service.store.messages(pair["conversation_id"])
+        state.pair_id, state.voted_pair_id = pair_id, None
+        state.pending_message = pair["context"][-1]["content"]
+        return View(state, _shown(state), pair["text_a"] or "*(empty answer)*",
+                    pair["text_b"] or "*(empty answer)*",
+                    status="Vote taken back. Which answer is better?", voting=True,
+                    typing=False)
 
     def new_conversation(self, state: ArenaState | None) -> View:
         return View(ArenaState(), [], status="New conversation.")
@@ -186,12 +220,13 @@ def build_arena(handlers: ArenaHandlers) -> None:
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              scale=5, elem_id="message", max_lines=8)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+    undo = gr.Button("Undo my vote", visible=False, elem_id="undo-vote", size="sm")
     new = gr.Button("New conversation", elem_id="new-conversation")
     # Answers render as sanitised Markdown: HTML or script in model output stays inert.
     disabled_until_vote = [better_a, better_b, tie, both_bad, submit_written]
 
     outputs = [state, chat, answer_a, answer_b, status, *disabled_until_vote, message, send,
-               written]
+               written, undo]
 
     async def on_send(text: str, current: ArenaState | None, request: gr.Request):
         async for view in handlers.send(text, current, handlers.client(request)):
@@ -213,5 +248,10 @@ def build_arena(handlers: ArenaHandlers) -> None:
                            (both_bad, "both_bad")):
         button.click(voter(choice), [state], outputs, concurrency_limit=None)
     submit_written.click(on_written, [written, state], outputs, concurrency_limit=None)
+
+    def on_undo(current: ArenaState | None, request: gr.Request) -> tuple[Any, ...]:
+        return handlers.undo(current, handlers.client(request)).updates()
+
+    undo.click(on_undo, [state], outputs, concurrency_limit=None)
     new.click(lambda current: handlers.new_conversation(current).updates(), [state], outputs)
     assert len(outputs) == len(View(ArenaState(), []).updates())

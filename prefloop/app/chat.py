@@ -9,6 +9,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from prefloop.app.guard import COOKIE, Client, Guard
 from prefloop.config import Settings
@@ -177,6 +178,40 @@ class ChatService:
         # The policies behind the answers, revealed now that the vote is in.
         return {**row, "kind": pair["kind"], "policy_a": pair["policy_a"],
                 "policy_b": pair["policy_b"], "decision": decision}
+
+
+    def undo_vote(self, pair_id: object, client: Client | None = None) -> dict:
+        """Take back a vote within ``undo_seconds``: it is deleted, never trains or counts
+        for the gate, and the pair awaits a vote again. Only the client that voted may undo
+        it (``None``, an internal caller, may undo any). Returns the deleted vote row.
+
+        :class:`NotFound` for an unknown pair or one without a vote; :class:`Conflict` with
+        the reason when undo is off, the window has passed, the vote has been used, or the
+        pair is a duel (its models were named after the vote).
+        """
+        self.guard.admit_vote(client)  # an undo and a new vote count as two votes
+        if not isinstance(pair_id, str) or not pair_id:
+            raise InputError("pair_id must be a non-empty string")
+        _check_id(pair_id, "pair")
+        pair = self.store.pair(pair_id)  # NotFound
+        vote = self.store.vote_of(pair_id)
+        if vote is None:
+            raise NotFound(f"pair {pair_id} has no vote to undo")
+        _check_owner(vote["client_id"] if vote["client_id"] is not None else pair["owner"],
+                     client, "vote")
+        window = self.settings.undo_seconds
+        if window <= 0:
+            raise Conflict("votes cannot be undone on this server (undo_seconds = 0)")
+        if pair["kind"] == PairKind.DUEL:
+            # The vote's reply named both models: a second vote would not be blind, and the
+            # gate counts duel votes.
+            raise Conflict("a vote in a duel cannot be undone: the models were named after "
+                           "the vote, so a second vote would not be blind")
+        age = (datetime.now(UTC) - datetime.fromisoformat(vote["created_at"])).total_seconds()
+        if age > window:
+            raise Conflict(f"the vote was cast {age:.0f} s ago; a vote can be undone only "
+                           f"within {window:g} s")
+        return self.store.delete_vote(pair_id)  # Conflict if a round or the gate used it
 
 
 def _check_id(value: str, what: str) -> None:

@@ -36,11 +36,16 @@ class StoreCollector(Collector):
                                   value=counts["conversations"])
         yield CounterMetricFamily("prefloop_pairs", "Answer pairs stored.",
                                   value=counts["pairs"])
-        votes = CounterMetricFamily("prefloop_votes", "Votes stored, by choice.",
-                                    labels=["choice"])
+        votes = CounterMetricFamily("prefloop_votes", "Votes cast, by choice (undone ones "
+                                    "included: a counter never goes down).", labels=["choice"])
+        undone = CounterMetricFamily("prefloop_votes_undone", "Votes taken back, by choice.",
+                                     labels=["choice"])
+        taken_back = self.store.votes_undone()
         for choice, n in self.store.votes_by_choice().items():
-            votes.add_metric([choice], n)
+            votes.add_metric([choice], n + taken_back[choice])
+            undone.add_metric([choice], taken_back[choice])
         yield votes
+        yield undone
         rounds = GaugeMetricFamily("prefloop_rounds", "Training rounds, by status.",
                                    labels=["status"])
         for status, n in self.store.rounds_by_status().items():

@@ -40,7 +40,9 @@ say both are bad, or write a better answer). Your votes teach the model."""
 
 
 def build_page(service: ChatService, admin_password: str | None = None) -> gr.Blocks:
-    with gr.Blocks(title="prefloop") as page:
+    # No analytics and no version check (both call Gradio's servers); the default theme's
+    # fonts are served by the app itself, not by Google Fonts.
+    with gr.Blocks(title="prefloop", analytics_enabled=False) as page:
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("Arena", id="arena"):

@@ -21,6 +21,7 @@ from prefloop.names import Choice
 from prefloop.storage.store import Store
 
 FORMATS = ("trl", "hh")
+EXPORT_FORMATS = (*FORMATS, "hf")  # hf: a dataset folder (export only)
 Messages = list[dict[str, str]]
 
 
@@ -163,3 +164,190 @@ def import_preferences(store: Store, prefs: list[Preference]) -> tuple[int, int]
     for pref in prefs:
         added += store.import_pair(pref.prompt, pref.chosen, pref.rejected, pref.fingerprint())
     return added, len(prefs) - added
+
+
+# -- a Hugging Face dataset folder ---------------------------------------------------------
+
+HF_TEST_SHARE = 0.1
+"""Share of conversations whose pairs go to the test split (by a hash of the conversation
+id: every pair of one conversation lands in the same split, so no prompt prefix leaks)."""
+HF_COLUMNS = {
+    "prompt": "the conversation up to the user's turn (list of {role, content}; a system "
+              "prompt first when one was set)",
+    "chosen": "the preferred answer ([{role: assistant, content}])",
+    "rejected": "the other answer ([{role: assistant, content}])",
+    "pair_id": "id of the answer pair (a written answer gives two rows with one pair_id)",
+    "kind": "sample: both answers from one model; duel: two models, sides shuffled; "
+            "import: imported from a preference file",
+    "vote": "a or b (the visitor picked that answer) or written (the visitor wrote chosen)",
+    "policy_chosen": "the model that wrote chosen (base, vNNNN, human, import)",
+    "policy_rejected": "the model that wrote rejected",
+    "voted_at": "time of the vote (UTC, ISO 8601)",
+}
+HF_CLIENT_COLUMN = ("client", "the voter: a hash of its random cookie id (only with "
+                    "--with-client-ids; rows of one voter share it)")
+
+
+def client_hash(client_id: str | None) -> str | None:
+    """A voter's id as an export shows it: grouping one voter's rows, not the cookie."""
+    if client_id is None:
+        return None
+    return hashlib.sha256(f"prefloop client {client_id}".encode()).hexdigest()[:16]
+
+
+def in_test_split(conversation_id: str, share: float = HF_TEST_SHARE) -> bool:
+    digest = hashlib.sha256(conversation_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+def hf_rows(store: Store, since: str | None = None,
+            with_client_ids: bool = False) -> tuple[dict[str, list[dict]], dict]:
+    """The rows of each split and the counts the card reports. Votes of clients flagged now
+    are left out (counted); ties, both-bad and votes between identical answers carry no
+    preference (counted)."""
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    counts = {"votes": 0, "flagged_client_votes": 0, "no_preference_votes": 0,
+              "decisive_votes": 0, "written_votes": 0, "conversations": set(),
+              "first_vote": None, "last_vote": None}
+    for row in store.voted_pairs(since):
+        counts["votes"] += 1
+        if row["flagged_client"]:
+            counts["flagged_client_votes"] += 1
+            continue
+        prefs = list(pair_preferences(row))
+        if not prefs:
+            counts["no_preference_votes"] += 1
+            continue
+        counts["written_votes" if row["choice"] == Choice.WRITTEN else "decisive_votes"] += 1
+        counts["conversations"].add(row["conversation_id"])
+        counts["first_vote"] = counts["first_vote"] or row["voted_at"]
+        counts["last_vote"] = row["voted_at"]
+        split = "test" if in_test_split(row["conversation_id"]) else "train"
+        for pref in prefs:
+            record = {**to_trl(pref), "pair_id": row["id"], "kind": row["kind"],
+                      "vote": row["choice"],
+                      "policy_chosen": ("human" if row["choice"] == Choice.WRITTEN
+                                        else _policy_of(row, pref.chosen)),
+                      "policy_rejected": _policy_of(row, pref.rejected),
+                      "voted_at": row["voted_at"]}
+            if with_client_ids:
+                record[HF_CLIENT_COLUMN[0]] = client_hash(row["voter"])
+            splits[split].append(record)
+    counts["conversations"] = len(counts["conversations"])
+    return splits, counts
+
+
+def _policy_of(row: dict, text: str) -> str:
+    return row["policy_a"] if text == row["text_a"] else row["policy_b"]
+
+
+def _hf_schema(with_client_ids: bool):
+    import pyarrow as pa
+
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    fields = [("prompt", message), ("chosen", message), ("rejected", message)]
+    fields += [(name, pa.string()) for name in HF_COLUMNS if name not in dict(fields)]
+    if with_client_ids:
+        fields.append((HF_CLIENT_COLUMN[0], pa.string()))
+    return pa.schema(fields)
+
+
+def write_hf_dataset(store: Store, out: Path, license: str, since: str | None = None,
+                     with_client_ids: bool = False) -> dict[str, int]:
+    """Write a Hugging Face dataset folder: ``data/{train,test}-00000-of-00001.parquet``
+    and a dataset card (README.md with YAML metadata) that ``datasets.load_dataset(out)``
+    reads as is. A split without rows is left out (``datasets`` cannot read an empty
+    parquet file); :class:`EmptyExport` when there is no row at all. Whole or not at all (an
+    existing folder is replaced). Returns the rows per split, 0 for a split left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    splits, counts = hf_rows(store, since, with_client_ids)
+    if not any(splits.values()):
+        raise EmptyExport(f"no votes to export: {counts['votes']} stored"
+                          + (f" since {since}" if since else "")
+                          + ", none with a preference from a voter not flagged")
+    schema = _hf_schema(with_client_ids)
+    tables = {name: pa.Table.from_pylist(rows, schema=schema)
+              for name, rows in splits.items() if rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, folder=True) as tmp:
+        (tmp / "data").mkdir()
+        for name, table in tables.items():
+            pq.write_table(table, tmp / "data" / f"{name}-00000-of-00001.parquet")
+        (tmp / "README.md").write_text(
+            dataset_card(license, {k: (t.num_rows, t.nbytes) for k, t in tables.items()},
+                         counts, since, with_client_ids), encoding="utf-8")
+    return {name: len(rows) for name, rows in splits.items()}
+
+
+class EmptyExport(ValueError):
+    """Nothing to export (a dataset folder needs at least one row)."""
+
+
+def dataset_card(license: str, splits: dict[str, tuple[int, int]], counts: dict,
+                 since: str | None, with_client_ids: bool) -> str:
+    """The README.md of an exported dataset: YAML metadata (license, splits with their rows
+    and Arrow bytes, where the files are), then how the votes were collected and filtered."""
+    rows = {name: n for name, (n, _) in splits.items()}
+    total = sum(rows.values())
+    size = ("n<1K" if total < 1_000 else "1K<n<10K" if total < 10_000 else
+            "10K<n<100K" if total < 100_000 else "100K<n<1M" if total < 1_000_000 else "n>1M")
+    columns = dict(HF_COLUMNS)
+    if with_client_ids:
+        columns[HF_CLIENT_COLUMN[0]] = HF_CLIENT_COLUMN[1]
+    yaml = "\n".join([
+        "---", f"license: {license}", "task_categories:", "- text-generation",
+        "tags:", "- dpo", "- preference", "- human-feedback", "- prefloop",
+        "size_categories:", f"- {size}",
+        "configs:", "- config_name: default", "  data_files:",
+        *[f"  - split: {name}\n    path: data/{name}-*.parquet" for name in rows],
+        "dataset_info:", "  splits:",
+        *[f"  - name: {name}\n    num_bytes: {size}\n    num_examples: {n}"
+          for name, (n, size) in splits.items()],
+        "---"])
+    since_text = f"Only votes at or after {since} (UTC) were exported. " if since else ""
+    table = "\n".join(f"| `{name}` | {text} |" for name, text in columns.items())
+    return f"""{yaml}
+
+# Preference pairs collected with prefloop
+
+Pairs of answers to the same conversation, with the answer a person preferred, in TRL's
+conversational preference format (`prompt`, `chosen`, `rejected`): ready for DPO.
+
+## How the votes were collected
+Visitors chatted with a model in prefloop's arena page or API. Every turn showed two sampled
+answers side by side (`kind` sample: both from the model then in use; duel: two models, sides
+shuffled, names hidden until the vote), and the visitor picked the better one, called a tie,
+said both were bad, or wrote a better answer. A vote could be taken back within a short
+window; an undone vote was deleted and is not here.
+
+## How they were filtered
+{since_text}Of {counts['votes']} stored votes:
+- {counts['decisive_votes']} picked an answer (one row each) and {counts['written_votes']}
+  came with a written answer (one row per different answer shown, the written one chosen);
+- {counts['no_preference_votes']} were ties, both bad, or a pick between two identical answers:
+  they prefer nothing and are left out;
+- {counts['flagged_client_votes']} came from voters flagged by prefloop's voter checks (a side
+  always picked, answers not read, or votes against a clear majority in duels) and not
+  cleared by an admin: left out.
+
+Voter ids are {"included, hashed" if with_client_ids else "not included"}.
+
+## Counts
+| split | rows |
+|---|---|
+{chr(10).join(f"| {name} | {n} |" for name, n in rows.items())}
+
+Conversations: {counts['conversations']}. Votes from {counts['first_vote'] or '-'} to
+{counts['last_vote'] or '-'} (UTC). Splits are by conversation (a hash of its id, about
+{HF_TEST_SHARE:.0%} of conversations in `test`; a split without rows is left out).
+
+## Columns
+| column | meaning |
+|---|---|
+{table}
+
+## License
+`{license}`, as the operator of this prefloop set it (`dataset_license`).
+"""

@@ -24,6 +24,7 @@ from prefloop.names import BASE, CHOICES, AdapterState, PairKind, new_id
 from prefloop.storage.migrations import migrations
 
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
+UNDONE_KEY = "votes_undone."  # loop_state keys counting undone votes, + the choice
 FLAGGED = "select client_id from client_flags where cleared_at is null"
 """Clients whose votes are held back (loop/voters.py) until an admin clears them."""
 COUNTED = f"(v.client_id is null or v.client_id not in ({FLAGGED}))"
@@ -291,6 +292,51 @@ class Store:
             raise
         return row
 
+    def delete_vote(self, pair_id: str) -> dict[str, Any]:
+        """Take back the vote on a pair: the vote row and the two messages it added are
+        deleted (not hidden), so the pair can be voted again. Returns the deleted row.
+
+        :class:`NotFound` when the pair has no vote; :class:`Conflict` (saying why) when the
+        vote may already have had effects that deleting it cannot undo: a round snapshot
+        took it (or a round is taking its snapshot now), a gate decision came after it
+        (a duel vote), or the conversation went on after it.
+        """
+        with self._write():
+            vote = _dicts(self.db.execute(
+                "select v.rowid as vote_rowid, v.*, p.conversation_id, p.turn, p.kind "
+                "from votes v join pairs p on p.id = v.pair_id where v.pair_id = ?",
+                [pair_id]))
+            if not vote:
+                raise NotFound(f"pair {pair_id!r} has no vote to undo")
+            row = vote[0]
+            # A running round without votes_until is reading its snapshot right now.
+            taken = self.db.execute(
+                "select id from rounds where votes_until >= ? or "
+                "(status = 'running' and votes_until is null) limit 1",
+                [row["vote_rowid"]]).fetchone()
+            if taken:
+                raise Conflict(f"the vote on pair {pair_id} can no longer be undone: "
+                               f"training round {taken[0]} has taken it")
+            if row["kind"] == PairKind.DUEL and self.db.execute(
+                    "select 1 from adapters where state_at >= ? union all "
+                    "select 1 from loop_state where key = 'champion_since' and value >= ?",
+                    [row["created_at"], row["created_at"]]).fetchone():
+                raise Conflict(f"the vote on pair {pair_id} can no longer be undone: a "
+                               "promotion decision has been taken since")
+            if self.db.execute("select 1 from pairs where conversation_id = ? and turn > ?",
+                               [row["conversation_id"], row["turn"]]).fetchone():
+                raise Conflict(f"the vote on pair {pair_id} can no longer be undone: the "
+                               "conversation went on after it")
+            self.db.execute("delete from messages where pair_id = ?", [pair_id])
+            self.db.execute("delete from votes where pair_id = ?", [pair_id])
+            # Counted (no more than that), so that /metrics' vote counter never goes down.
+            key = UNDONE_KEY + row["choice"]
+            self.db.execute("insert into loop_state (key, value) values (?, '1') on conflict "
+                            "(key) do update set value = cast(value as integer) + 1", [key])
+            self.db.execute("update conversations set updated_at = ? where id = ?",
+                            [now(), row["conversation_id"]])
+        return {k: row[k] for k in ("pair_id", "choice", "answer", "client_id", "created_at")}
+
     def import_pair(self, context: list[dict[str, str]], chosen: str, rejected: str,
                     fingerprint: str) -> bool:
         """Store an outside preference as a conversation, a pair and its vote (``a`` =
@@ -370,10 +416,11 @@ class Store:
 
     def duel_votes_key(self) -> tuple[Any, ...]:
         """A value that changes whenever :meth:`duel_votes` (all of them) would change: a
-        duel vote added (or removed), a client flagged or cleared. Cheaper than the votes."""
+        duel vote added (or removed), a client flagged or cleared. Cheaper than the votes.
+        (The newest vote's time as well: an undone vote voted again may reuse its rowid.)"""
         with self._read() as db:
             return tuple(db.execute(
-                "select count(*), max(v.rowid), "
+                "select count(*), max(v.rowid), max(v.created_at), "
                 "(select count(*) from client_flags where cleared_at is null), "
                 "(select max(flagged_at) from client_flags), "
                 "(select max(cleared_at) from client_flags) "
@@ -383,6 +430,14 @@ class Store:
         with self._read() as db:
             counts = dict(db.execute(
                 "select choice, count(*) from votes group by choice").fetchall())
+        return {choice: counts.get(choice, 0) for choice in CHOICES}
+
+    def votes_undone(self) -> dict[str, int]:
+        """Votes taken back (and deleted) so far, by choice."""
+        with self._read() as db:
+            counts = {k[len(UNDONE_KEY):]: int(v) for k, v in db.execute(
+                "select key, value from loop_state where key like ?",
+                [UNDONE_KEY + "%"]).fetchall()}
         return {choice: counts.get(choice, 0) for choice in CHOICES}
 
     def rounds_by_status(self) -> dict[str, int]:
