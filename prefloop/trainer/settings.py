@@ -85,6 +85,14 @@ class RoundConfig:
     seed: int = knob(0, "Seed for the split, batch order, LoRA init and dropout.")
     warmup_ratio: float = knob(0.1, "Share of steps over which the learning rate ramps up.")
     max_grad_norm: float = knob(1.0, "Gradients are clipped to this norm.")
+    # The round's own KL check (prefloop.trainer.kl): the loop sets max_kl to a share of its
+    # budget, so its probe, on other samples, finds the adapter under the budget.
+    max_kl: float = knob(0.0, "Stop training before the policy's KL from the base model "
+                              "passes this many nats per answer token, keeping the last "
+                              "weights under it (0: no check).")
+    kl_check_steps: int = knob(2, "Optimizer steps between KL checks (with --max-kl).")
+    kl_pairs: int = knob(16, "Pairs whose answers each KL check scores (held-out ones "
+                             "first).")
     skip_invalid: bool = knob(False, "Skip and count bad lines instead of failing.")
     # Where a busy vLLM server shares the cores, fewer threads than cores avoids threads
     # spinning while they wait for each other: measured here, 2 threads beside busy vLLM on
@@ -113,6 +121,9 @@ class RoundConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1) (try 0.1)"),
             (self.max_grad_norm > 0, "max_grad_norm must be > 0 (try 1.0)"),
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
+            (self.max_kl >= 0, "max_kl must be >= 0 (0: no KL check; try 0.15)"),
+            (self.kl_check_steps >= 1, "kl_check_steps must be at least 1"),
+            (self.kl_pairs >= 1, "kl_pairs must be at least 1 (try 16)"),
         ]
         for ok, message in checks:
             if not ok:
