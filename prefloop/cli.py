@@ -66,7 +66,7 @@ def serve(settings: Settings) -> None:
 
     try:
         run(settings, progress=click.echo)
-    except (ModelError, VLLMError, OSError) as exc:
+    except (ConfigError, ModelError, VLLMError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -96,6 +96,10 @@ class Settings:
         30.0, "Seconds after a vote in which its voter may take it back (0: no undo). An "
               "undo is refused once a training round has used the vote or the conversation "
               "went on, and for duel votes (the reply named the models).", lo=0, hi=86_400)
+    terms_file: Path | None = _setting(
+        None, "Markdown file of the terms visitors must accept before anything of theirs is "
+              "stored (none: private use, no terms asked). Its hash is the terms' version, "
+              "stored with every pair; a changed file asks every visitor again.")
     # -- limits: a public demo meets crowds -------------------------------------------------
     pairs_per_minute: int = _setting(20, "Pairs one client may ask for per minute (0: no "
                                          "limit).", lo=0, hi=1_000_000)
@@ -263,7 +267,8 @@ def _describe(f: dataclasses.Field) -> str:
         kind = "an integer" if typ is int else "a number"
         text = f"{kind} from {meta['lo']:g} to {meta['hi']:g}"
     else:
-        names = {str: "a string", Path: "a folder path", bool: "true or false"}
+        names = {str: "a string", bool: "true or false",
+                 Path: "a file path" if f.name.endswith("_file") else "a folder path"}
         text = names.get(typ, typ.__name__)
     return text + (" (or empty for none)" if optional else "")
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from prefloop.app.chat import ChatService, Forbidden, InputError
 from prefloop.app.guard import COOKIE, Client, Refused
+from prefloop.app.privacy import ConsentRequired
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
 from prefloop.storage.store import Conflict, NotFound
@@ -173,6 +174,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(sqlite3.Error, database)
     app.add_exception_handler(Forbidden, handler(403))
+    app.add_exception_handler(ConsentRequired, handler(403))
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(Conflict, handler(409))
     app.add_exception_handler(InputError, handler(422))

@@ -17,6 +17,7 @@ import gradio as gr
 
 from prefloop.app.chat import ChatService, Forbidden, InputError
 from prefloop.app.guard import Client, Refused, parse_client_id
+from prefloop.app.privacy import ConsentRequired
 from prefloop.names import PairKind
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad",
                "written": "your written answer"}
 PLACEHOLDER = "*waiting for your message*"
+ACCEPT_FIRST = ("⚠️ Please read the terms above and press **I accept** first: nothing of yours "
+                "is stored until you do.")
 
 
 @dataclass
@@ -109,6 +112,9 @@ class ArenaHandlers:
         try:
             await asyncio.to_thread(self.service.check_turn, message, state.conversation_id,
                                     client)
+        except ConsentRequired:
+            yield View(state, _shown(state), status=ACCEPT_FIRST)
+            return
         except (InputError, NotFound, Conflict, Forbidden) as exc:
             yield View(state, _shown(state), status=f"⚠️ {exc}")
             return
@@ -133,6 +139,9 @@ class ArenaHandlers:
                 else:
                     yield View(state, chat, progress.a.text or "…", progress.b.text or "…",
                                status=note + "Writing two answers…", typing=False)
+        except ConsentRequired:  # the visitor deleted their data while answers were written
+            state.pending_message = None
+            yield View(state, _shown(state), status=ACCEPT_FIRST)
         except (SamplingError, ContextTooLong, InputError, NotFound, Conflict, Forbidden,
                 Refused) as exc:
             state.pending_message = None
@@ -150,6 +159,8 @@ class ArenaHandlers:
             return View(state, _shown(state), status="Send a message first.")
         try:
             result = self.service.vote(state.pair_id, choice, answer, client)
+        except ConsentRequired:
+            return View(state, _shown(state), status=ACCEPT_FIRST, voting=True, typing=False)
         except (InputError, NotFound, Conflict, Forbidden, Refused) as exc:
             return View(state, _shown(state), status=f"⚠️ {exc}", voting=True, typing=False)
         except Exception:  # not stored (e.g. disk full): say so and keep the buttons
@@ -195,9 +206,32 @@ class ArenaHandlers:
     def new_conversation(self, state: ArenaState | None) -> View:
         return View(ArenaState(), [], status="New conversation.")
 
+    def terms_shown(self, client: Client | None) -> bool:
+        """Whether the page shows the terms: asked, and not accepted by this visitor."""
+        return not self.service.consent.accepted(client)
 
-def build_arena(handlers: ArenaHandlers) -> None:
-    """Lay out the Arena inside the current ``gr.Blocks`` and wire its events."""
+    def accept_terms(self, client: Client | None) -> tuple[bool, str]:
+        """Accept the terms in force for ``client``: (terms still shown, status line)."""
+        consent = self.service.consent
+        if client is None or consent.terms is None:
+            return False, ""
+        try:
+            consent.accept(client, consent.terms.version)
+        except Exception:  # e.g. the database is locked: not accepted, say so
+            log.exception("recording the acceptance of the terms failed")
+            return True, "⚠️ Your acceptance could not be saved; please try again."
+        return False, "Thank you. Type your message below."
+
+
+def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
+    """Lay out the Arena inside the current ``gr.Blocks`` and wire its events. Returns the
+    arguments of the page's load event (the terms shown or not), None without terms."""
+    terms = handlers.service.consent.terms
+    if terms is not None:
+        # Shown until the page's load event finds this visitor accepted them already.
+        with gr.Group(elem_id="terms") as terms_box:
+            gr.Markdown(terms.text, elem_id="terms-text")
+            accept = gr.Button("I accept", variant="primary", elem_id="accept-terms")
     state = gr.State(None)
     chat = gr.Chatbot(label="Conversation", elem_id="conversation", height=320)
     with gr.Row(equal_height=True):
@@ -255,3 +289,16 @@ def build_arena(handlers: ArenaHandlers) -> None:
     undo.click(on_undo, [state], outputs, concurrency_limit=None)
     new.click(lambda current: handlers.new_conversation(current).updates(), [state], outputs)
     assert len(outputs) == len(View(ArenaState(), []).updates())
+    if terms is None:
+        return None
+
+    def on_accept(request: gr.Request) -> tuple[Any, str]:
+        shown, said = handlers.accept_terms(handlers.client(request))
+        return gr.update(visible=shown), said
+
+    accept.click(on_accept, None, [terms_box, status], api_visibility="private")
+
+    def on_load(request: gr.Request) -> Any:
+        return gr.update(visible=handlers.terms_shown(handlers.client(request)))
+
+    return {"fn": on_load, "outputs": [terms_box], "api_visibility": "private"}

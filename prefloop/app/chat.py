@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from prefloop.app.guard import COOKIE, Client, Guard
+from prefloop.app.privacy import Consent, load_terms
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop
 from prefloop.loop.duels import TurnPlan
@@ -65,19 +66,25 @@ class ChatService:
     """Conversations in the arena: each user turn gets two answers and one vote."""
 
     def __init__(self, settings: Settings, store: Store, sampler: PairSampler,
-                 loop: Loop | None = None, guard: Guard | None = None) -> None:
+                 loop: Loop | None = None, guard: Guard | None = None,
+                 consent: Consent | None = None) -> None:
+        """``consent``: the terms (read from ``settings.terms_file`` when not given;
+        :class:`~prefloop.config.ConfigError` if that file will not do)."""
         self.settings = settings
         self.store = store
         self.sampler = sampler
         self.loop = loop  # None: every turn is two samples from base
         self.guard = guard or Guard(settings)
+        self.consent = consent or Consent(store, load_terms(settings.terms_file))
         # Called with each stored pair's kind and final snapshot (e.g. latency metrics).
         self.on_pair: list[Callable[[str, PairProgress], None]] = []
 
     def check_turn(self, message: object, conversation_id: str | None,
                    client: Client | None = None) -> str:
-        """Validate a new user turn before any work is done; returns the message."""
+        """Validate a new user turn before any work is done; returns the message.
+        :class:`~prefloop.app.privacy.ConsentRequired` until the client accepted the terms."""
         text = clean_text(message, "the message", self.settings.max_message_chars)
+        self.consent.require(client)
         if conversation_id is not None:
             if not isinstance(conversation_id, str):
                 raise InputError("conversation_id must be a string")
@@ -121,6 +128,8 @@ class ChatService:
                 final = progress
                 yield Turn(conversation_id, progress, plan.kind)
         assert final is not None and final.done
+        # Asked again: the visitor may have deleted their data (and consent) meanwhile.
+        terms_version = await asyncio.to_thread(self.consent.require, client)
         if conversation_id is None:
             conversation_id = await asyncio.to_thread(self.store.create_conversation,
                                                       client and client.id)
@@ -131,7 +140,8 @@ class ChatService:
             self.store.add_pair, conversation_id, context, stored_answer(final.a),
             stored_answer(final.b), kind=plan.kind,
             dropped_messages=final.dropped_messages, sampling=self.sampler.sampling.as_dict(),
-            first_token_ms=final.first_token_ms, total_ms=final.total_ms)
+            first_token_ms=final.first_token_ms, total_ms=final.total_ms,
+            terms_version=terms_version)
         for observe in self.on_pair:
             observe(plan.kind, final)
         yield Turn(conversation_id, final, plan.kind, pair_id)
@@ -152,6 +162,7 @@ class ChatService:
         ``conversation_id`` the pair must belong to that conversation.
         """
         self.guard.admit_vote(client)
+        self.consent.require(client)
         if not isinstance(pair_id, str) or not pair_id:
             raise InputError("pair_id must be a non-empty string")
         if answer is not None and choice in (None, "written"):

@@ -208,8 +208,9 @@ class Store:
     def add_pair(self, conversation_id: str, context: list[dict[str, str]], a: Answer,
                  b: Answer, *, kind: str = PairKind.SAMPLE, dropped_messages: int = 0,
                  sampling: dict[str, Any] | None = None, first_token_ms: float | None = None,
-                 total_ms: float | None = None) -> str:
-        """Store two answers to ``context`` (whose last message is the user's new turn)."""
+                 total_ms: float | None = None, terms_version: str | None = None) -> str:
+        """Store two answers to ``context`` (whose last message is the user's new turn);
+        ``terms_version``: the terms the asking client accepted, if any were asked."""
         assert context and context[-1]["role"] == "user", "context must end with a user turn"
         pair_id = new_id()
         with self._write():
@@ -227,7 +228,7 @@ class Store:
                 "finish_a": a.finish_reason, "finish_b": b.finish_reason,
                 "tokens_a": a.tokens, "tokens_b": b.tokens, "seed_a": a.seed, "seed_b": b.seed,
                 "sampling": json.dumps(sampling or {}), "first_token_ms": first_token_ms,
-                "total_ms": total_ms, "created_at": now()})
+                "total_ms": total_ms, "terms_version": terms_version, "created_at": now()})
         return pair_id
 
     def pair(self, pair_id: str) -> dict[str, Any]:
@@ -453,6 +454,26 @@ class Store:
                 "select substr(created_at, 1, 13) as hour, count(*) as votes from votes "
                 "group by hour order by hour desc limit ?", [hours])
             return sorted((dict(r) for r in rows), key=lambda r: r["hour"])
+
+    # -- consent --------------------------------------------------------------------------
+
+    def accept_terms(self, client_id: str, version: str) -> str:
+        """Record that the client accepted the terms of ``version`` (replacing an earlier
+        acceptance); returns the time stamp."""
+        stamp = now()
+        with self._write():
+            self.db.execute("insert into consents (client_id, terms_version, accepted_at) "
+                            "values (?, ?, ?) on conflict (client_id) do update set "
+                            "terms_version = excluded.terms_version, "
+                            "accepted_at = excluded.accepted_at", [client_id, version, stamp])
+        return stamp
+
+    def consent(self, client_id: str) -> dict[str, Any] | None:
+        """The client's acceptance (``terms_version``, ``accepted_at``), None if none."""
+        with self._read() as db:
+            rows = _dicts(db.execute("select terms_version, accepted_at from consents "
+                                     "where client_id = ?", [client_id]))
+        return rows[0] if rows else None
 
     # -- voter flags ----------------------------------------------------------------------
 
