@@ -17,7 +17,14 @@ import gradio as gr
 
 from prefloop.app.chat import ChatService, Forbidden, InputError
 from prefloop.app.guard import Client, Refused, parse_client_id
-from prefloop.app.privacy import ConsentRequired
+from prefloop.app.privacy import (
+    DELETION_LIMITS,
+    ConsentRequired,
+    client_data,
+    describe_counts,
+    holds_anything,
+    stored_counts,
+)
 from prefloop.names import PairKind
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
@@ -28,6 +35,9 @@ log = logging.getLogger(__name__)
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad",
                "written": "your written answer"}
 PLACEHOLDER = "*waiting for your message*"
+MY_DATA_HELP = ("Everything stored under your browser's random cookie id (your conversations, "
+                "the answers and your votes): [download it as JSON](api/v1/me/data), or "
+                "delete it for good. " + DELETION_LIMITS)
 ACCEPT_FIRST = ("⚠️ Please read the terms above and press **I accept** first: nothing of yours "
                 "is stored until you do.")
 
@@ -206,6 +216,33 @@ class ArenaHandlers:
     def new_conversation(self, state: ArenaState | None) -> View:
         return View(ArenaState(), [], status="New conversation.")
 
+    def deletion_preview(self, client: Client | None) -> tuple[bool, str]:
+        """Before deleting the visitor's data, say what would go: (confirm shown, text)."""
+        if client is None:
+            return False, "⚠️ This page came without a visitor id (cookie): nothing to delete."
+        data = client_data(self.service.store, client.id)
+        if not holds_anything(data):
+            return False, "Nothing is stored under your cookie id."
+        return True, (f"This deletes {describe_counts(stored_counts(data))} stored under your "
+                      f"cookie id, for good. {DELETION_LIMITS} Press **Yes, delete "
+                      "everything** to go on.")
+
+    def delete_my_data(self, state: ArenaState | None,
+                       client: Client | None) -> tuple[View, bool, str]:
+        """Delete everything stored for the visitor: (the arena afresh, confirm shown, text)."""
+        state = state or ArenaState()
+        if client is None:
+            return View(state, _shown(state)), False, "⚠️ No visitor id: nothing deleted."
+        try:
+            deleted = self.service.store.delete_client_data(client.id)
+        except Exception:  # e.g. the database is locked: nothing was deleted, say so
+            log.exception("deleting a visitor's data failed")
+            return (View(state, _shown(state), voting=state.pair_id is not None,
+                         typing=state.pair_id is None), True,
+                    "⚠️ Your data could not be deleted; please try again.")
+        said = f"✅ Deleted {describe_counts(deleted)}. {DELETION_LIMITS}"
+        return View(ArenaState(), [], status="Your data was deleted."), False, said
+
     def terms_shown(self, client: Client | None) -> bool:
         """Whether the page shows the terms: asked, and not accepted by this visitor."""
         return not self.service.consent.accepted(client)
@@ -256,6 +293,14 @@ def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
     undo = gr.Button("Undo my vote", visible=False, elem_id="undo-vote", size="sm")
     new = gr.Button("New conversation", elem_id="new-conversation")
+    with gr.Accordion("My data", open=False, elem_id="my-data"):
+        gr.Markdown(MY_DATA_HELP, elem_id="my-data-help")
+        with gr.Row():
+            ask = gr.Button("Delete my data", variant="stop", size="sm",
+                            elem_id="delete-my-data")
+            confirm = gr.Button("Yes, delete everything", variant="stop", size="sm",
+                                visible=False, elem_id="confirm-delete-my-data")
+        said = gr.Markdown("", elem_id="my-data-result")
     # Answers render as sanitised Markdown: HTML or script in model output stays inert.
     disabled_until_vote = [better_a, better_b, tie, both_bad, submit_written]
 
@@ -289,6 +334,21 @@ def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
     undo.click(on_undo, [state], outputs, concurrency_limit=None)
     new.click(lambda current: handlers.new_conversation(current).updates(), [state], outputs)
     assert len(outputs) == len(View(ArenaState(), []).updates())
+
+    def on_ask(request: gr.Request) -> tuple[Any, str]:
+        shown, text = handlers.deletion_preview(handlers.client(request))
+        return gr.update(visible=shown), text
+
+    def on_delete(current: ArenaState | None, request: gr.Request) -> tuple[Any, ...]:
+        client = handlers.client(request)
+        view, shown, text = handlers.delete_my_data(current, client)
+        terms_update = (gr.update(visible=handlers.terms_shown(client)),) if terms else ()
+        return (*view.updates(), gr.update(visible=shown), text, *terms_update)
+
+    ask.click(on_ask, None, [confirm, said], api_visibility="private")
+    confirm.click(on_delete, [state], [*outputs, confirm, said,
+                                       *([terms_box] if terms else [])],
+                  api_visibility="private")
     if terms is None:
         return None
 

@@ -32,20 +32,30 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counts = self.store.counts()
-        yield CounterMetricFamily("prefloop_conversations", "Conversations started.",
-                                  value=counts["conversations"])
-        yield CounterMetricFamily("prefloop_pairs", "Answer pairs stored.",
-                                  value=counts["pairs"])
-        votes = CounterMetricFamily("prefloop_votes", "Votes cast, by choice (undone ones "
-                                    "included: a counter never goes down).", labels=["choice"])
+        # Deleted data is counted as it goes (undone votes and visitors' deleted data), so
+        # that these counters count what was made and never go down.
+        deleted = self.store.deleted_counts()
+        yield CounterMetricFamily("prefloop_conversations", "Conversations started (deleted "
+                                  "ones included).",
+                                  value=counts["conversations"] + deleted.get("conversations", 0))
+        yield CounterMetricFamily("prefloop_pairs", "Answer pairs stored (deleted ones "
+                                  "included).", value=counts["pairs"] + deleted.get("pairs", 0))
+        votes = CounterMetricFamily("prefloop_votes", "Votes cast, by choice (undone and "
+                                    "deleted ones included: a counter never goes down).",
+                                    labels=["choice"])
         undone = CounterMetricFamily("prefloop_votes_undone", "Votes taken back, by choice.",
                                      labels=["choice"])
+        removed = CounterMetricFamily("prefloop_votes_deleted", "Votes deleted with their "
+                                      "client's data, by choice.", labels=["choice"])
         taken_back = self.store.votes_undone()
         for choice, n in self.store.votes_by_choice().items():
-            votes.add_metric([choice], n + taken_back[choice])
+            gone = deleted.get(f"votes.{choice}", 0)
+            votes.add_metric([choice], n + taken_back[choice] + gone)
             undone.add_metric([choice], taken_back[choice])
+            removed.add_metric([choice], gone)
         yield votes
         yield undone
+        yield removed
         rounds = GaugeMetricFamily("prefloop_rounds", "Training rounds, by status.",
                                    labels=["status"])
         for status, n in self.store.rounds_by_status().items():

@@ -1,4 +1,5 @@
-"""What a visitor agrees to: the terms and their acceptance (consent).
+"""What a visitor agrees to and what is theirs: the terms, their acceptance (consent), and
+a visitor's own data (download it, delete it).
 
 With ``terms_file`` set, a client (cookie id) must accept the terms' current version before
 anything of it is stored: until then it may read the page, but a message or a vote is
@@ -6,6 +7,10 @@ refused (:class:`ConsentRequired`, HTTP 403, saying how to accept). The version 
 of the file, so editing the terms (and restarting) asks every visitor again; each pair
 records the version its client had accepted. Without ``terms_file`` (private use) nothing
 is asked.
+
+A visitor's data is everything stored under its cookie id (:meth:`Store.client_data`);
+deleting it removes the rows from the database file and its WAL. An admin can do the same by
+client id.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 from prefloop.app.guard import COOKIE, Client
 from prefloop.config import ConfigError
-from prefloop.storage.store import Conflict, NotFound, Store
+from prefloop.storage.store import Conflict, NotFound, Store, now
 
 VERSION_DIGITS = 16  # hex digits of the file's SHA-256: the terms' version
 
@@ -117,3 +122,30 @@ class Consent:
             return {"required": False, "version": None, "terms": None, "accepted": True}
         return {"required": True, "version": self.terms.version, "terms": self.terms.text,
                 "accepted": self.accepted(client)}
+
+
+DOWNLOAD_NAME = "prefloop-my-data.json"
+DELETION_LIMITS = ("Models already trained on these votes are not retrained, and copies "
+                   "already exported are not recalled.")
+
+
+def client_data(store: Store, client_id: str) -> dict[str, Any]:
+    """Everything stored for ``client_id``, as a visitor downloads it (JSON-ready)."""
+    return {"exported_at": now(), **store.client_data(client_id),
+            "note": "Everything this prefloop stores under your cookie id. " + DELETION_LIMITS}
+
+
+def stored_counts(data: dict[str, Any]) -> dict[str, int]:
+    """How many conversations, pairs and votes ``data`` (of :func:`client_data`) holds."""
+    return {what: len(data[what]) for what in ("conversations", "pairs", "votes")}
+
+
+def holds_anything(data: dict[str, Any]) -> bool:
+    return any(stored_counts(data).values()) or bool(data["consent"] or data["voter_flag"])
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """"2 conversations, 3 answer pairs and 1 vote"."""
+    words = {"conversations": "conversation", "pairs": "answer pair", "votes": "vote"}
+    parts = [f"{counts[k]} {word}{'' if counts[k] == 1 else 's'}" for k, word in words.items()]
+    return f"{parts[0]}, {parts[1]} and {parts[2]}"

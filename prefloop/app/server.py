@@ -24,7 +24,7 @@ from prefloop.app.loop_api import loop_routers
 from prefloop.app.loop_tabs import build_loop_tabs
 from prefloop.app.metrics import Metrics
 from prefloop.app.privacy import load_terms
-from prefloop.app.privacy_api import privacy_router
+from prefloop.app.privacy_api import privacy_routers
 from prefloop.config import Settings, admin_password
 from prefloop.loop.controller import Loop
 from prefloop.serving.adapters import AdapterPool
@@ -105,7 +105,8 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     install_error_handlers(app)
     app.add_middleware(ClientCookies)
     app.include_router(api_router(service))
-    app.include_router(privacy_router(service))
+    for router in privacy_routers(service, admin_password, service.guard):
+        app.include_router(router)
     app.include_router(health_router(checks))
     app.include_router(metrics.router())
     if loop is not None:

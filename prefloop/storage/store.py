@@ -25,6 +25,7 @@ from prefloop.storage.migrations import migrations
 
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
 UNDONE_KEY = "votes_undone."  # loop_state keys counting undone votes, + the choice
+DELETED_KEY = "deleted."  # loop_state keys counting what deleted clients' data held, + what
 FLAGGED = "select client_id from client_flags where cleared_at is null"
 """Clients whose votes are held back (loop/voters.py) until an admin clears them."""
 COUNTED = f"(v.client_id is null or v.client_id not in ({FLAGGED}))"
@@ -75,6 +76,9 @@ class Store:
         # FULL: a commit is fsynced before it returns, so an acknowledged vote survives a
         # power cut as well as a crash of the process.
         self.db.execute("PRAGMA synchronous = FULL")
+        # Deleted rows are overwritten with zeros, not left in free space: an undone vote or
+        # a visitor's deleted data is gone from the file, not just unlinked.
+        self.db.execute("PRAGMA secure_delete = ON")
         self._lock = threading.RLock()  # the write connection: one transaction at a time
         self._in_write = threading.local()  # .active: this thread is inside _write
         self._pool_lock = threading.Lock()
@@ -475,6 +479,100 @@ class Store:
                                      "where client_id = ?", [client_id]))
         return rows[0] if rows else None
 
+    # -- a client's own data ------------------------------------------------------------
+
+    def client_data(self, client_id: str) -> dict[str, Any]:
+        """Everything stored for a client id: its consent, its conversations (with their
+        accepted messages), the pairs in them, the votes on those pairs or cast by it, and
+        its voter flag. An unvoted duel's policies stay hidden (the vote must be blind)."""
+        with self._read() as db:
+            conversations = _dicts(db.execute(
+                "select * from conversations where client_id = ? order by created_at",
+                [client_id]))
+            messages = _dicts(db.execute(
+                "select m.conversation_id, m.position, m.role, m.content, m.pair_id, "
+                "m.created_at from messages m join conversations c on c.id = m.conversation_id "
+                "where c.client_id = ? order by m.conversation_id, m.position", [client_id]))
+            pairs = _dicts(db.execute(
+                "select p.*, exists (select 1 from votes v where v.pair_id = p.id) as voted "
+                "from pairs p join conversations c on c.id = p.conversation_id "
+                "where c.client_id = ? order by p.created_at",
+                [client_id]))
+            votes = _dicts(db.execute(
+                f"select * from votes where {_CLIENT_VOTES} order by created_at",
+                [client_id, client_id]))
+        by_conversation: dict[str, list[dict[str, Any]]] = {}
+        for message in messages:
+            by_conversation.setdefault(message.pop("conversation_id"), []).append(message)
+        for pair in pairs:
+            pair["context"] = json.loads(pair["context"])
+            pair["sampling"] = json.loads(pair["sampling"] or "{}")
+            if pair["kind"] == PairKind.DUEL and not pair["voted"]:
+                pair["policy_a"] = pair["policy_b"] = None
+            del pair["voted"]
+        return {"client_id": client_id, "consent": self.consent(client_id),
+                "conversations": [{**c, "messages": by_conversation.get(c["id"], [])}
+                                  for c in conversations],
+                "pairs": pairs, "votes": votes, "voter_flag": self.client_flag(client_id)}
+
+    def delete_client_data(self, client_id: str) -> dict[str, Any]:
+        """Delete everything :meth:`client_data` shows, for good: the rows are deleted (their
+        bytes overwritten, ``secure_delete``), then the WAL is checkpointed into the file
+        and truncated, so no copy stays in it. Returns what was deleted, and ``checkpoint``:
+        False if a reader kept the WAL from being emptied (it is, at the next checkpoint).
+
+        A vote a round took stays in its adapter; the caller's docs say so."""
+        pairs_sql = ("select p.id from pairs p join conversations c on c.id = p.conversation_id "
+                     "where c.client_id = ?")
+        with self._write():
+            voted = [r[0] for r in self.db.execute(
+                f"select pair_id from votes where {_CLIENT_VOTES}", [client_id, client_id])]
+            choices = self.db.execute(
+                f"select choice, count(*) from votes where {_CLIENT_VOTES} group by choice",
+                [client_id, client_id]).fetchall()
+            # The messages its votes added (to a conversation not its own as well).
+            by_votes = self.db.conn.executemany("delete from messages where pair_id = ?",
+                                                [(pair_id,) for pair_id in voted]).rowcount
+            deleted = {
+                "votes": self.db.execute(f"delete from votes where {_CLIENT_VOTES}",
+                                         [client_id, client_id]).rowcount,
+                "messages": max(by_votes, 0) + self.db.execute(
+                    "delete from messages where conversation_id in (select id from "
+                    "conversations where client_id = ?)", [client_id]).rowcount,
+                "pairs": self.db.execute(f"delete from pairs where id in ({pairs_sql})",
+                                         [client_id]).rowcount,
+                "conversations": self.db.execute(
+                    "delete from conversations where client_id = ?", [client_id]).rowcount,
+                "consent": self.db.execute("delete from consents where client_id = ?",
+                                           [client_id]).rowcount,
+                "voter_flag": self.db.execute("delete from client_flags where client_id = ?",
+                                              [client_id]).rowcount}
+            # Counted (no more), so that /metrics' counters never go down.
+            counted = [(DELETED_KEY + "conversations", deleted["conversations"]),
+                       (DELETED_KEY + "pairs", deleted["pairs"]),
+                       *((f"{DELETED_KEY}votes.{choice}", n) for choice, n in choices)]
+            self.db.conn.executemany(
+                "insert into loop_state (key, value) values (?, ?) on conflict (key) do "
+                "update set value = cast(value as integer) + excluded.value",
+                [(key, str(n)) for key, n in counted if n])
+        return {**deleted, "checkpoint": self.checkpoint()}
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate it to nothing; False when a
+        reader held it past the busy timeout (an in-memory database: True)."""
+        if self.path is None:
+            return True
+        with self._lock:
+            busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0
+
+    def deleted_counts(self) -> dict[str, int]:
+        """What deleted clients' data held, counted at deletion: conversations, pairs, and
+        votes by choice (``votes.a``, ...)."""
+        with self._read() as db:
+            return {k[len(DELETED_KEY):]: int(v) for k, v in db.execute(
+                "select key, value from loop_state where key like ?", [DELETED_KEY + "%"])}
+
     # -- voter flags ----------------------------------------------------------------------
 
     def client_votes(self, client_id: str, after_vote: int = 0) -> list[dict[str, Any]]:
@@ -711,6 +809,12 @@ class Store:
         """Raise if the database cannot answer a trivial query."""
         with self._read() as db:
             db.execute("select 1").fetchone()
+
+
+_CLIENT_VOTES = ("(client_id = ? or pair_id in (select p.id from pairs p join conversations c "
+                 "on c.id = p.conversation_id where c.client_id = ?))")
+"""Votes cast by a client, and votes on the pairs of its conversations (two parameters, both
+the client id)."""
 
 
 def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
