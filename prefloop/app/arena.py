@@ -15,8 +15,9 @@ from typing import Any
 
 import gradio as gr
 
-from prefloop.app.chat import ChatService, Forbidden, InputError
+from prefloop.app.chat import ChatService, Forbidden, InputError, Turn
 from prefloop.app.guard import Client, Refused, parse_client_id
+from prefloop.app.moderation import Flagged
 from prefloop.app.privacy import (
     DELETION_LIMITS,
     ConsentRequired,
@@ -140,20 +141,23 @@ class ArenaHandlers:
                 if progress.dropped_messages:
                     note = (f"The {progress.dropped_messages} oldest messages were left out "
                             "to fit the model's context window. ")
-                if turn.pair_id is not None:
+                if turn.pair_id is not None and turn.withheld:
+                    yield self._withheld(state, turn, note)
+                elif turn.pair_id is not None:
                     state.conversation_id, state.pair_id = turn.conversation_id, turn.pair_id
                     yield View(state, chat, progress.a.text or "*(empty answer)*",
                                progress.b.text or "*(empty answer)*",
                                status=note + "Which answer is better?", voting=True,
                                typing=False)
                 else:
-                    yield View(state, chat, progress.a.text or "…", progress.b.text or "…",
+                    yield View(state, chat, self._growing(progress.a.text),
+                               self._growing(progress.b.text),
                                status=note + "Writing two answers…", typing=False)
         except ConsentRequired:  # the visitor deleted their data while answers were written
             state.pending_message = None
             yield View(state, _shown(state), status=ACCEPT_FIRST)
         except (SamplingError, ContextTooLong, InputError, NotFound, Conflict, Forbidden,
-                Refused) as exc:
+                Refused, Flagged) as exc:
             state.pending_message = None
             yield View(state, _shown(state), status=f"⚠️ {exc}")
         except sqlite3.Error:
@@ -161,6 +165,29 @@ class ArenaHandlers:
             state.pending_message = None
             yield View(state, _shown(state), status="⚠️ The answers could not be saved; "
                        "please send your message again.")
+
+    def _growing(self, text: str) -> str:
+        """An answer being written: its text, or only its length while moderation has yet to
+        check it (a flagged answer is never shown)."""
+        if not self.service.moderator.active:
+            return text or "…"
+        return f"*Writing… {len(text):,} characters so far; shown once checked.*"
+
+    def _withheld(self, state: ArenaState, turn: Turn, note: str) -> View:
+        """A pair with an answer moderation withheld: shown without it, and no vote."""
+        state.conversation_id, state.pending_message = turn.conversation_id, None
+
+        def shown(side: str, text: str) -> str:
+            if side in turn.withheld:
+                return f"*Withheld: flagged by moderation ({turn.withheld[side]}).*"
+            return text or "*(empty answer)*"
+
+        which = " and ".join(f"answer {side.upper()}" for side in turn.withheld)
+        return View(state, _shown(state), shown("a", turn.progress.a.text),
+                    shown("b", turn.progress.b.text),
+                    status=note + f"⚠️ Moderation withheld {which}, so this turn takes no "
+                    "vote and stays out of the conversation. Send your message again, or "
+                    "another one.")
 
     def vote(self, choice: str, state: ArenaState | None, answer: str | None = None,
              client: Client | None = None) -> View:
@@ -171,7 +198,7 @@ class ArenaHandlers:
             result = self.service.vote(state.pair_id, choice, answer, client)
         except ConsentRequired:
             return View(state, _shown(state), status=ACCEPT_FIRST, voting=True, typing=False)
-        except (InputError, NotFound, Conflict, Forbidden, Refused) as exc:
+        except (InputError, NotFound, Conflict, Forbidden, Refused, Flagged) as exc:
             return View(state, _shown(state), status=f"⚠️ {exc}", voting=True, typing=False)
         except Exception:  # not stored (e.g. disk full): say so and keep the buttons
             log.exception("vote on pair %s failed", state.pair_id)

@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from prefloop.app.guard import Guard
+from prefloop.app.moderation import Moderator
 from prefloop.serving.sampler import PairProgress
 from prefloop.storage.store import Store
 
@@ -27,8 +28,10 @@ class StoreCollector(Collector):
     """What the database, the guard and the vLLM supervisor say, at scrape time."""
 
     def __init__(self, store: Store, guard: Guard,
-                 vllm_restarts: Callable[[], int] | None) -> None:
+                 vllm_restarts: Callable[[], int] | None,
+                 moderator: Moderator | None = None) -> None:
         self.store, self.guard, self.vllm_restarts = store, guard, vllm_restarts
+        self.moderator = moderator
 
     def collect(self) -> Iterator[Metric]:
         counts = self.store.counts()
@@ -75,6 +78,21 @@ class StoreCollector(Collector):
         for limit, n in sorted(self.guard.refused.items()):
             refused.add_metric([limit], n)
         yield refused
+        if self.moderator is not None and self.moderator.active:
+            flagged = CounterMetricFamily(
+                "prefloop_moderation_flagged", "Texts moderation flagged since the start: "
+                "messages and written answers refused, answers withheld.", labels=["what"])
+            for what, n in sorted(self.moderator.flagged.items()):
+                flagged.add_metric([what], n)
+            yield flagged
+            failed = CounterMetricFamily(
+                "prefloop_moderation_failures", "Moderation checks that failed since the "
+                "start, by what became of the text (moderation_fail).", labels=["outcome"])
+            for outcome, n in sorted(self.moderator.failures.items()):
+                failed.add_metric([outcome], n)
+            yield failed
+            yield GaugeMetricFamily("prefloop_pairs_withheld", "Pairs stored with an answer "
+                                    "moderation withheld.", value=self.store.count_withheld())
         if self.vllm_restarts is not None:
             yield CounterMetricFamily("prefloop_vllm_restarts", "Times the supervisor "
                                       "restarted vLLM after it died (and loaded the "
@@ -86,9 +104,10 @@ class Metrics:
     """One registry per app (tests build many apps in one process)."""
 
     def __init__(self, store: Store, guard: Guard,
-                 vllm_restarts: Callable[[], int] | None = None) -> None:
+                 vllm_restarts: Callable[[], int] | None = None,
+                 moderator: Moderator | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(StoreCollector(store, guard, vllm_restarts))
+        self.registry.register(StoreCollector(store, guard, vllm_restarts, moderator))
         self.first_token = Histogram(
             "prefloop_first_token_seconds", "Time to the first token of a pair (the faster "
             "answer's: whichever side streams first).", ["kind"], buckets=LATENCY_BUCKETS,

@@ -23,6 +23,7 @@ from prefloop.app.guard import ClientCookies
 from prefloop.app.loop_api import loop_routers
 from prefloop.app.loop_tabs import build_loop_tabs
 from prefloop.app.metrics import Metrics
+from prefloop.app.moderation import Moderator
 from prefloop.app.privacy import load_terms
 from prefloop.app.privacy_api import privacy_routers
 from prefloop.config import Settings, admin_password
@@ -50,7 +51,9 @@ def build_page(service: ChatService, admin_password: str | None = None) -> gr.Bl
             with gr.Tab("Arena", id="arena"):
                 on_load = build_arena(ArenaHandlers(service))
             if service.loop is not None:
-                build_loop_tabs(service.loop, admin_password, service.guard)
+                build_loop_tabs(service.loop, admin_password, service.guard,
+                                moderation=lambda: service.moderator.summary(
+                                    service.store.count_withheld()))
         if on_load is not None:
             page.load(**on_load)
     page.queue(default_concurrency_limit=None)
@@ -63,7 +66,7 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     """The whole web app over an open store and a sampler (and the loop, if it runs);
     starts nothing itself."""
     service = ChatService(settings, store, sampler, loop)
-    metrics = Metrics(store, service.guard, vllm_restarts)
+    metrics = Metrics(store, service.guard, vllm_restarts, service.moderator)
     service.on_pair.append(metrics.observe_pair)
     health = httpx.AsyncClient(timeout=1.5)
 
@@ -189,9 +192,11 @@ def make_sampler(settings: Settings, runtime: Runtime,
 
 
 def check_app_settings(settings: Settings) -> None:
-    """Read what the page will need from files (the terms), so that a bad setting fails
-    with a :class:`~prefloop.config.ConfigError` at once, not after vLLM has started."""
+    """Load what the page will need from files and modules (the terms, a moderation
+    function), so that a bad setting fails with a :class:`~prefloop.config.ConfigError` at
+    once, not after vLLM has started."""
     load_terms(settings.terms_file)
+    Moderator(settings)
 
 
 def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:

@@ -121,3 +121,10 @@ def m006_consent(db: Database) -> None:
                           pk="client_id", not_null={"terms_version", "accepted_at"})
     # The terms the asking client had accepted when the pair was made (NULL: none asked).
     db["pairs"].add_column("terms_version", str)
+
+
+@migrations()
+def m007_withheld(db: Database) -> None:
+    # Why moderation withheld an answer of the pair (NULL: both shown). A withheld answer's
+    # text is not stored, and such a pair can never be voted on, so it never trains.
+    db["pairs"].add_column("withheld", str)

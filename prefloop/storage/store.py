@@ -200,11 +200,13 @@ class Store:
             return [dict(row) for row in rows]
 
     def open_pair(self, conversation_id: str) -> str | None:
-        """The id of the conversation's pair that has no vote yet, if any."""
+        """The id of the conversation's pair that awaits a vote, if any (a pair withheld by
+        moderation awaits none)."""
         with self._read() as db:
             rows = list(db.query(
                 "select p.id from pairs p left join votes v on v.pair_id = p.id "
-                "where p.conversation_id = ? and v.pair_id is null", [conversation_id]))
+                "where p.conversation_id = ? and v.pair_id is null and p.withheld is null",
+                [conversation_id]))
         return rows[0]["id"] if rows else None
 
     # -- pairs ----------------------------------------------------------------------------
@@ -212,9 +214,11 @@ class Store:
     def add_pair(self, conversation_id: str, context: list[dict[str, str]], a: Answer,
                  b: Answer, *, kind: str = PairKind.SAMPLE, dropped_messages: int = 0,
                  sampling: dict[str, Any] | None = None, first_token_ms: float | None = None,
-                 total_ms: float | None = None, terms_version: str | None = None) -> str:
+                 total_ms: float | None = None, terms_version: str | None = None,
+                 withheld: str | None = None) -> str:
         """Store two answers to ``context`` (whose last message is the user's new turn);
-        ``terms_version``: the terms the asking client accepted, if any were asked."""
+        ``terms_version``: the terms the asking client accepted, if any were asked;
+        ``withheld``: why moderation withheld an answer (then the pair takes no vote)."""
         assert context and context[-1]["role"] == "user", "context must end with a user turn"
         pair_id = new_id()
         with self._write():
@@ -232,7 +236,8 @@ class Store:
                 "finish_a": a.finish_reason, "finish_b": b.finish_reason,
                 "tokens_a": a.tokens, "tokens_b": b.tokens, "seed_a": a.seed, "seed_b": b.seed,
                 "sampling": json.dumps(sampling or {}), "first_token_ms": first_token_ms,
-                "total_ms": total_ms, "terms_version": terms_version, "created_at": now()})
+                "total_ms": total_ms, "terms_version": terms_version, "withheld": withheld,
+                "created_at": now()})
         return pair_id
 
     def pair(self, pair_id: str) -> dict[str, Any]:
@@ -267,6 +272,9 @@ class Store:
             raise ValueError("a written answer comes with choice 'written', and only then")
         if isinstance(pair, str):
             pair = self.pair(pair)
+        if pair.get("withheld"):
+            raise Conflict(f"pair {pair['id']} cannot be voted on: moderation withheld "
+                           f"{pair['withheld']}")
         conversation_id = pair["conversation_id"]
         kept = {"a": pair["text_a"], "b": pair["text_b"], "written": answer}.get(
             choice, pair["text_a"])
@@ -430,6 +438,12 @@ class Store:
                 "(select max(flagged_at) from client_flags), "
                 "(select max(cleared_at) from client_flags) "
                 "from pairs p join votes v on v.pair_id = p.id where p.kind = 'duel'").fetchone())
+
+    def count_withheld(self) -> int:
+        """Pairs stored with an answer moderation withheld."""
+        with self._read() as db:
+            return db.execute("select count(*) from pairs where withheld is not null"
+                              ).fetchone()[0]
 
     def votes_by_choice(self) -> dict[str, int]:
         with self._read() as db:
