@@ -319,3 +319,14 @@ def test_the_page_has_a_my_data_section(settings: Settings, store: Store) -> Non
     assert {"my-data", "delete-my-data", "confirm-delete-my-data", "my-data-result"} <= ids.keys()
     assert "(api/v1/me/data)" in ids["my-data-help"].value
     assert ids["confirm-delete-my-data"].visible is False
+
+
+def test_deleting_counts_against_the_vote_rate(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", votes_per_minute=1)
+    with Store(settings.db_path) as store:
+        app = create_app(settings, store, PairSampler(DEAD, sampling=Sampling(0.8, 0.95, 16),
+                                                      max_model_len=2048))
+        with visitor(app, ME) as me:
+            assert me.delete("/api/v1/me/data").status_code == 200
+            response = me.delete("/api/v1/me/data")
+            assert response.status_code == 429 and "retry-after" in response.headers

@@ -261,7 +261,11 @@ class ArenaHandlers:
         if client is None:
             return View(state, _shown(state)), False, "⚠️ No visitor id: nothing deleted."
         try:
+            self.service.guard.admit_vote(client)  # as in the API: a deletion counts as a vote
             deleted = self.service.store.delete_client_data(client.id)
+        except Refused as exc:
+            return (View(state, _shown(state), voting=state.pair_id is not None,
+                         typing=state.pair_id is None), True, f"⚠️ {exc}")
         except Exception:  # e.g. the database is locked: nothing was deleted, say so
             log.exception("deleting a visitor's data failed")
             return (View(state, _shown(state), voting=state.pair_id is not None,

@@ -137,7 +137,9 @@ class ChatService:
                 final = progress
                 yield Turn(conversation_id, progress, plan.kind)
         assert final is not None and final.done
-        final, withheld = await asyncio.to_thread(self._withhold_flagged, final)
+        withheld: dict[str, str] = {}
+        if self.moderator.active:
+            final, withheld = await asyncio.to_thread(self._withhold_flagged, final)
         # Asked again: the visitor may have deleted their data (and consent) meanwhile.
         terms_version = await asyncio.to_thread(self.consent.require, client)
         if conversation_id is None:

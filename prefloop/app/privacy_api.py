@@ -80,8 +80,10 @@ def privacy_routers(service: ChatService, password: str | None,
     def delete_my_data(request: Request) -> DeletedResponse:
         """Delete everything stored for your cookie, for good (the database file and its WAL
         are cleared of it); later exports and training rounds do not have it. Models already
-        trained on your votes are not retrained; exports already made are not recalled."""
+        trained on your votes are not retrained; exports already made are not recalled.
+        Counts as a vote against the client's `votes_per_minute`."""
         client = request_client(service, request)
+        service.guard.admit_vote(client)  # each deletion ends with a checkpoint: not free
         return DeletedResponse(client_id=client.id, deleted=store.delete_client_data(client.id))
 
     def stored(client_id: str) -> dict[str, Any]:

@@ -569,6 +569,8 @@ class Store:
                 "insert into loop_state (key, value) values (?, ?) on conflict (key) do "
                 "update set value = cast(value as integer) + excluded.value",
                 [(key, str(n)) for key, n in counted if n])
+        if not any(deleted.values()):  # nothing to clear from the WAL: spare the checkpoint
+            return {**deleted, "checkpoint": True}
         return {**deleted, "checkpoint": self.checkpoint()}
 
     def checkpoint(self) -> bool:
