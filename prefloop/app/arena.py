@@ -15,8 +15,17 @@ from typing import Any
 
 import gradio as gr
 
-from prefloop.app.chat import ChatService, Forbidden, InputError
+from prefloop.app.chat import ChatService, Forbidden, InputError, Turn
 from prefloop.app.guard import Client, Refused, parse_client_id
+from prefloop.app.moderation import Flagged
+from prefloop.app.privacy import (
+    DELETION_LIMITS,
+    ConsentRequired,
+    client_data,
+    describe_counts,
+    holds_anything,
+    stored_counts,
+)
 from prefloop.names import PairKind
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
@@ -27,6 +36,11 @@ log = logging.getLogger(__name__)
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad",
                "written": "your written answer"}
 PLACEHOLDER = "*waiting for your message*"
+MY_DATA_HELP = ("Everything stored under your browser's random cookie id (your conversations, "
+                "the answers and your votes): [download it as JSON](api/v1/me/data), or "
+                "delete it for good. " + DELETION_LIMITS)
+ACCEPT_FIRST = ("⚠️ Please read the terms above and press **I accept** first: nothing of yours "
+                "is stored until you do.")
 
 
 @dataclass
@@ -109,6 +123,9 @@ class ArenaHandlers:
         try:
             await asyncio.to_thread(self.service.check_turn, message, state.conversation_id,
                                     client)
+        except ConsentRequired:
+            yield View(state, _shown(state), status=ACCEPT_FIRST)
+            return
         except (InputError, NotFound, Conflict, Forbidden) as exc:
             yield View(state, _shown(state), status=f"⚠️ {exc}")
             return
@@ -124,17 +141,23 @@ class ArenaHandlers:
                 if progress.dropped_messages:
                     note = (f"The {progress.dropped_messages} oldest messages were left out "
                             "to fit the model's context window. ")
-                if turn.pair_id is not None:
+                if turn.pair_id is not None and turn.withheld:
+                    yield self._withheld(state, turn, note)
+                elif turn.pair_id is not None:
                     state.conversation_id, state.pair_id = turn.conversation_id, turn.pair_id
                     yield View(state, chat, progress.a.text or "*(empty answer)*",
                                progress.b.text or "*(empty answer)*",
                                status=note + "Which answer is better?", voting=True,
                                typing=False)
                 else:
-                    yield View(state, chat, progress.a.text or "…", progress.b.text or "…",
+                    yield View(state, chat, self._growing(progress.a.text),
+                               self._growing(progress.b.text),
                                status=note + "Writing two answers…", typing=False)
+        except ConsentRequired:  # the visitor deleted their data while answers were written
+            state.pending_message = None
+            yield View(state, _shown(state), status=ACCEPT_FIRST)
         except (SamplingError, ContextTooLong, InputError, NotFound, Conflict, Forbidden,
-                Refused) as exc:
+                Refused, Flagged) as exc:
             state.pending_message = None
             yield View(state, _shown(state), status=f"⚠️ {exc}")
         except sqlite3.Error:
@@ -143,6 +166,29 @@ class ArenaHandlers:
             yield View(state, _shown(state), status="⚠️ The answers could not be saved; "
                        "please send your message again.")
 
+    def _growing(self, text: str) -> str:
+        """An answer being written: its text, or only its length while moderation has yet to
+        check it (a flagged answer is never shown)."""
+        if not self.service.moderator.active:
+            return text or "…"
+        return f"*Writing… {len(text):,} characters so far; shown once checked.*"
+
+    def _withheld(self, state: ArenaState, turn: Turn, note: str) -> View:
+        """A pair with an answer moderation withheld: shown without it, and no vote."""
+        state.conversation_id, state.pending_message = turn.conversation_id, None
+
+        def shown(side: str, text: str) -> str:
+            if side in turn.withheld:
+                return f"*Withheld: flagged by moderation ({turn.withheld[side]}).*"
+            return text or "*(empty answer)*"
+
+        which = " and ".join(f"answer {side.upper()}" for side in turn.withheld)
+        return View(state, _shown(state), shown("a", turn.progress.a.text),
+                    shown("b", turn.progress.b.text),
+                    status=note + f"⚠️ Moderation withheld {which}, so this turn takes no "
+                    "vote and stays out of the conversation. Send your message again, or "
+                    "another one.")
+
     def vote(self, choice: str, state: ArenaState | None, answer: str | None = None,
              client: Client | None = None) -> View:
         state = state or ArenaState()
@@ -150,7 +196,9 @@ class ArenaHandlers:
             return View(state, _shown(state), status="Send a message first.")
         try:
             result = self.service.vote(state.pair_id, choice, answer, client)
-        except (InputError, NotFound, Conflict, Forbidden, Refused) as exc:
+        except ConsentRequired:
+            return View(state, _shown(state), status=ACCEPT_FIRST, voting=True, typing=False)
+        except (InputError, NotFound, Conflict, Forbidden, Refused, Flagged) as exc:
             return View(state, _shown(state), status=f"⚠️ {exc}", voting=True, typing=False)
         except Exception:  # not stored (e.g. disk full): say so and keep the buttons
             log.exception("vote on pair %s failed", state.pair_id)
@@ -195,9 +243,63 @@ class ArenaHandlers:
     def new_conversation(self, state: ArenaState | None) -> View:
         return View(ArenaState(), [], status="New conversation.")
 
+    def deletion_preview(self, client: Client | None) -> tuple[bool, str]:
+        """Before deleting the visitor's data, say what would go: (confirm shown, text)."""
+        if client is None:
+            return False, "⚠️ This page came without a visitor id (cookie): nothing to delete."
+        data = client_data(self.service.store, client.id)
+        if not holds_anything(data):
+            return False, "Nothing is stored under your cookie id."
+        return True, (f"This deletes {describe_counts(stored_counts(data))} stored under your "
+                      f"cookie id, for good. {DELETION_LIMITS} Press **Yes, delete "
+                      "everything** to go on.")
 
-def build_arena(handlers: ArenaHandlers) -> None:
-    """Lay out the Arena inside the current ``gr.Blocks`` and wire its events."""
+    def delete_my_data(self, state: ArenaState | None,
+                       client: Client | None) -> tuple[View, bool, str]:
+        """Delete everything stored for the visitor: (the arena afresh, confirm shown, text)."""
+        state = state or ArenaState()
+        if client is None:
+            return View(state, _shown(state)), False, "⚠️ No visitor id: nothing deleted."
+        try:
+            self.service.guard.admit_vote(client)  # as in the API: a deletion counts as a vote
+            deleted = self.service.store.delete_client_data(client.id)
+        except Refused as exc:
+            return (View(state, _shown(state), voting=state.pair_id is not None,
+                         typing=state.pair_id is None), True, f"⚠️ {exc}")
+        except Exception:  # e.g. the database is locked: nothing was deleted, say so
+            log.exception("deleting a visitor's data failed")
+            return (View(state, _shown(state), voting=state.pair_id is not None,
+                         typing=state.pair_id is None), True,
+                    "⚠️ Your data could not be deleted; please try again.")
+        said = f"✅ Deleted {describe_counts(deleted)}. {DELETION_LIMITS}"
+        return View(ArenaState(), [], status="Your data was deleted."), False, said
+
+    def terms_shown(self, client: Client | None) -> bool:
+        """Whether the page shows the terms: asked, and not accepted by this visitor."""
+        return not self.service.consent.accepted(client)
+
+    def accept_terms(self, client: Client | None) -> tuple[bool, str]:
+        """Accept the terms in force for ``client``: (terms still shown, status line)."""
+        consent = self.service.consent
+        if client is None or consent.terms is None:
+            return False, ""
+        try:
+            consent.accept(client, consent.terms.version)
+        except Exception:  # e.g. the database is locked: not accepted, say so
+            log.exception("recording the acceptance of the terms failed")
+            return True, "⚠️ Your acceptance could not be saved; please try again."
+        return False, "Thank you. Type your message below."
+
+
+def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
+    """Lay out the Arena inside the current ``gr.Blocks`` and wire its events. Returns the
+    arguments of the page's load event (the terms shown or not), None without terms."""
+    terms = handlers.service.consent.terms
+    if terms is not None:
+        # Shown until the page's load event finds this visitor accepted them already.
+        with gr.Group(elem_id="terms") as terms_box:
+            gr.Markdown(terms.text, elem_id="terms-text")
+            accept = gr.Button("I accept", variant="primary", elem_id="accept-terms")
     state = gr.State(None)
     chat = gr.Chatbot(label="Conversation", elem_id="conversation", height=320)
     with gr.Row(equal_height=True):
@@ -222,6 +324,14 @@ def build_arena(handlers: ArenaHandlers) -> None:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
     undo = gr.Button("Undo my vote", visible=False, elem_id="undo-vote", size="sm")
     new = gr.Button("New conversation", elem_id="new-conversation")
+    with gr.Accordion("My data", open=False, elem_id="my-data"):
+        gr.Markdown(MY_DATA_HELP, elem_id="my-data-help")
+        with gr.Row():
+            ask = gr.Button("Delete my data", variant="stop", size="sm",
+                            elem_id="delete-my-data")
+            confirm = gr.Button("Yes, delete everything", variant="stop", size="sm",
+                                visible=False, elem_id="confirm-delete-my-data")
+        said = gr.Markdown("", elem_id="my-data-result")
     # Answers render as sanitised Markdown: HTML or script in model output stays inert.
     disabled_until_vote = [better_a, better_b, tie, both_bad, submit_written]
 
@@ -255,3 +365,31 @@ def build_arena(handlers: ArenaHandlers) -> None:
     undo.click(on_undo, [state], outputs, concurrency_limit=None)
     new.click(lambda current: handlers.new_conversation(current).updates(), [state], outputs)
     assert len(outputs) == len(View(ArenaState(), []).updates())
+
+    def on_ask(request: gr.Request) -> tuple[Any, str]:
+        shown, text = handlers.deletion_preview(handlers.client(request))
+        return gr.update(visible=shown), text
+
+    def on_delete(current: ArenaState | None, request: gr.Request) -> tuple[Any, ...]:
+        client = handlers.client(request)
+        view, shown, text = handlers.delete_my_data(current, client)
+        terms_update = (gr.update(visible=handlers.terms_shown(client)),) if terms else ()
+        return (*view.updates(), gr.update(visible=shown), text, *terms_update)
+
+    ask.click(on_ask, None, [confirm, said], api_visibility="private")
+    confirm.click(on_delete, [state], [*outputs, confirm, said,
+                                       *([terms_box] if terms else [])],
+                  api_visibility="private")
+    if terms is None:
+        return None
+
+    def on_accept(request: gr.Request) -> tuple[Any, str]:
+        shown, said = handlers.accept_terms(handlers.client(request))
+        return gr.update(visible=shown), said
+
+    accept.click(on_accept, None, [terms_box, status], api_visibility="private")
+
+    def on_load(request: gr.Request) -> Any:
+        return gr.update(visible=handlers.terms_shown(handlers.client(request)))
+
+    return {"fn": on_load, "outputs": [terms_box], "api_visibility": "private"}

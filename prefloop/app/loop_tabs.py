@@ -113,10 +113,12 @@ class LoopHandlers:
     """Event handlers of the loop's tabs, bound to a :class:`Loop`."""
 
     def __init__(self, loop: Loop, admin_password: str | None,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None,
+                 moderation: Callable[[], str] | None = None) -> None:
         self.loop = loop
         self.admin_password = admin_password or None
         self.guard = guard  # slows wrong passwords to 10 a minute per address
+        self.moderation = moderation  # the moderation counts, a line for the Admin tab
 
     # -- leaderboard ------------------------------------------------------------------------
 
@@ -274,9 +276,10 @@ class LoopHandlers:
 
     def admin_state(self) -> str:
         store = self.loop.store
-        return (f"Champion: **{store.champion()}** · Candidate: "
-                f"**{store.candidate() or 'none'}** · Loop: "
-                f"**{'paused' if self.loop.paused else 'running'}**")
+        state = (f"Champion: **{store.champion()}** · Candidate: "
+                 f"**{store.candidate() or 'none'}** · Loop: "
+                 f"**{'paused' if self.loop.paused else 'running'}**")
+        return state + (f"\n\n{self.moderation()}" if self.moderation else "")
 
 
 def _standing_row(s: dict[str, Any]) -> dict[str, Any]:
@@ -325,10 +328,11 @@ def _kl(nats_per_token: float | None) -> str:
     return "–" if nats_per_token is None else f"{nats_per_token:.3f}"
 
 
-def build_loop_tabs(loop: Loop, admin_password: str | None,
-                    guard: Guard | None = None) -> None:
-    """Lay out the Leaderboard, Training and Admin tabs inside the current ``gr.Tabs``."""
-    handlers = LoopHandlers(loop, admin_password, guard)
+def build_loop_tabs(loop: Loop, admin_password: str | None, guard: Guard | None = None,
+                    moderation: Callable[[], str] | None = None) -> None:
+    """Lay out the Leaderboard, Training and Admin tabs inside the current ``gr.Tabs``;
+    ``moderation`` gives the Admin tab's moderation line."""
+    handlers = LoopHandlers(loop, admin_password, guard, moderation)
     tabs = get_render_context()
     with gr.Tab("Leaderboard", id="leaderboard", elem_id="leaderboard-tab") as leaderboard_tab:
         refresh_leaderboard = _build_leaderboard(handlers)
