@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from prefloop.app.api import api_router, health_router, install_error_handlers
-from prefloop.app.arena import ArenaHandlers, build_arena
+from prefloop.app.arena import ARENA_CSS, ArenaHandlers, build_arena
 from prefloop.app.chat import ChatService
 from prefloop.app.guard import ClientCookies
 from prefloop.app.loop_api import loop_routers
@@ -134,7 +134,7 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     app.state.service = service
     # Gradio replaces the app's lifespan with its own; given here, ours runs inside it.
     return gr.mount_gradio_app(app, build_page(service, admin_password), path="/",
-                               show_error=False, theme=page_theme(),
+                               show_error=False, theme=page_theme(), css=ARENA_CSS,
                                app_kwargs={"lifespan": lifespan})
 
 
