@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+HOLD_LIMIT_S = 600.0  # a held stream goes on after this, so a failing test cannot hang it
+
 
 class StubServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -22,10 +24,15 @@ class StubServer(ThreadingHTTPServer):
         # Answer i of a request seeded s is answers[(s + i) % 2]: with n=2 and seed 0, answer
         # A is answers[0] and B answers[1]; a duel's two requests (s, s + 1) agree with that.
         self.answers = ["Apples are red.", "Bananas are yellow."]
+        self.sides: list[str] | None = None  # when set, answer i is sides[i] whatever the seed
         self.flag_words: dict[str, str] = {}  # word -> category: inputs holding it are flagged
         self.moderation_status = 200
         self.hits: Counter[str] = Counter()
         self.moderated: list[str] = []  # every input the moderation endpoint saw
+        # A stream pauses after its `hold_after`-th chunk until `release` is set (or ten minutes
+        # has passed): a test catches answer B half written, A complete (n=2 streams A first).
+        self.hold_after: int | None = None
+        self.release = threading.Event()
 
     @property
     def url(self) -> str:
@@ -68,14 +75,20 @@ class StubHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+        sent = 0
         for i in range(n):
-            text = self.server.answers[(seed + i) % len(self.server.answers)]
+            text = (self.server.sides[i] if self.server.sides
+                    else self.server.answers[(seed + i) % len(self.server.answers)])
             for word, last in _words(text):
                 choice = {"index": i, "delta": {"content": word},
                           "finish_reason": "stop" if last else None}
                 chunk = {"id": "stub", "object": "chat.completion.chunk", "created": 0,
                          "model": body.get("model", "stub"), "choices": [choice]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                sent += 1
+                if sent == self.server.hold_after:
+                    self.wfile.flush()
+                    self.server.release.wait(HOLD_LIMIT_S)
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _moderate(self, body: dict) -> None:

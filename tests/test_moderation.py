@@ -21,7 +21,14 @@ import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
-from prefloop.app.arena import ArenaHandlers, ArenaState
+from prefloop.app.arena import (
+    CHECKING,
+    DONE,
+    WRITING,
+    ArenaHandlers,
+    ArenaState,
+    answer_status,
+)
 from prefloop.app.chat import ChatService
 from prefloop.app.guard import COOKIE, Client
 from prefloop.app.loop_tabs import LoopHandlers
@@ -325,7 +332,12 @@ def test_the_page_never_shows_a_flagged_answer(tmp_path: Path, store: Store,
     assert streaming and all("Go die" not in v.answer_a + v.answer_b and
                              "calm" not in v.answer_a + v.answer_b for v in streaming)
     assert "characters so far" in streaming[-1].answer_b
+    # Each answer's status: written, then checked (moderation has yet to pass it), then done.
+    assert streaming[0].writing == (WRITING, WRITING)
+    assert streaming[-1].writing == (CHECKING, CHECKING)
+    assert "being checked" in answer_status("a", CHECKING)
     last = send_views[-1]
+    assert last.writing == (DONE, DONE)
     withheld = "*Withheld: flagged by moderation (self-harm).*"
     # The page draws its own seed: either side may hold the flagged answer.
     side = "A" if last.answer_a == withheld else "B"

@@ -28,7 +28,7 @@ from prefloop.app.privacy import (
 )
 from prefloop.names import PairKind
 from prefloop.serving.context import ContextTooLong
-from prefloop.serving.sampler import SamplingError
+from prefloop.serving.sampler import PairProgress, SamplingError
 from prefloop.storage.store import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad",
                "written": "your written answer"}
 PLACEHOLDER = "*waiting for your message*"
+# Where one answer is, said beside its heading: IDLE (no answer under way), WRITING, CHECKING
+# (written, moderation has yet to pass it) and DONE.
+IDLE, WRITING, CHECKING, DONE = "idle", "writing", "checking", "done"
 MY_DATA_HELP = ("Everything stored under your browser's random cookie id (your conversations, "
                 "the answers and your votes): [download it as JSON](api/v1/me/data), or "
                 "delete it for good. " + DELETION_LIMITS)
@@ -68,15 +71,43 @@ class View:
     clear_message: bool = False
     clear_written: bool = False
     undo: bool = False          # the Undo button shown (after a vote)
+    writing: tuple[str, str] = (IDLE, IDLE)  # where answers A and B are (WRITING, DONE, …)
 
     def updates(self) -> tuple[Any, ...]:
         vote = gr.update(interactive=self.voting)
-        return (self.state, self.chat, self.answer_a, self.answer_b, self.status,
+        return (self.state, self.chat, self.answer_a, self.answer_b,
+                *(answer_status(side, stage) for side, stage in zip("ab", self.writing,
+                                                                    strict=True)),
+                self.status,
                 vote, vote, vote, vote, vote,
                 gr.update(interactive=self.typing, **({"value": ""} if self.clear_message else {})),
                 gr.update(interactive=self.typing),
                 gr.update(**({"value": ""} if self.clear_written else {})),
                 gr.update(visible=self.undo))
+
+
+def answer_status(side: str, stage: str) -> str:
+    """The status beside answer ``side``'s heading (HTML, inside a polite live region):
+    "still writing…" while it grows, nothing to see once it is complete; a screen reader
+    hears "Answer A is complete." then."""
+    name = f"Answer {side.upper()}"
+    if stage == WRITING:
+        return (f'<span class="busy"><span class="visually-hidden">{name} is </span>'
+                "still writing…</span>")
+    if stage == CHECKING:
+        return (f'<span class="busy"><span class="visually-hidden">{name} is </span>'
+                "written; being checked…</span>")
+    if stage == DONE:
+        return f'<span class="visually-hidden">{name} is complete.</span>'
+    return ""
+
+
+def stages(progress: PairProgress, checked_later: bool) -> tuple[str, str]:
+    """Where each answer of a pair being written is; a finished one is CHECKING while
+    moderation has yet to pass it (``checked_later``)."""
+    finished = CHECKING if checked_later else DONE
+    a, b = (finished if side.done else WRITING for side in (progress.a, progress.b))
+    return a, b
 
 
 def reveal(vote: dict[str, Any]) -> str:
@@ -132,7 +163,7 @@ class ArenaHandlers:
         state.pending_message = message
         chat = _shown(state)
         yield View(state, chat, "…", "…", status="Writing two answers…", typing=False,
-                   clear_message=True)
+                   clear_message=True, writing=(WRITING, WRITING))
         try:
             async for turn in self.service.stream_turn(message, state.conversation_id,
                                                        client):
@@ -148,11 +179,12 @@ class ArenaHandlers:
                     yield View(state, chat, progress.a.text or "*(empty answer)*",
                                progress.b.text or "*(empty answer)*",
                                status=note + "Which answer is better?", voting=True,
-                               typing=False)
+                               typing=False, writing=(DONE, DONE))
                 else:
                     yield View(state, chat, self._growing(progress.a.text),
                                self._growing(progress.b.text),
-                               status=note + "Writing two answers…", typing=False)
+                               status=note + "Writing two answers…", typing=False,
+                               writing=stages(progress, self.service.moderator.active))
         except ConsentRequired:  # the visitor deleted their data while answers were written
             state.pending_message = None
             yield View(state, _shown(state), status=ACCEPT_FIRST)
@@ -187,7 +219,7 @@ class ArenaHandlers:
                     shown("b", turn.progress.b.text),
                     status=note + f"⚠️ Moderation withheld {which}, so this turn takes no "
                     "vote and stays out of the conversation. Send your message again, or "
-                    "another one.")
+                    "another one.", writing=(DONE, DONE))
 
     def vote(self, choice: str, state: ArenaState | None, answer: str | None = None,
              client: Client | None = None) -> View:
@@ -291,6 +323,46 @@ class ArenaHandlers:
         return False, "Thank you. Type your message below."
 
 
+# The heading of an answer and, beside it, its status (answer_status) in a polite live
+# region that stays in place (Gradio patches the template's nodes, it does not replace them).
+# While the answer is written the answer's box is aria-busy: a screen reader waits for it.
+HEADING_TEMPLATE = (
+    '<div class="answer-heading"><h3>Answer {letter}</h3>'
+    '<span id="writing-{side}" class="writing" role="status" aria-live="polite">${{value}}'
+    "</span></div>")
+# The page's own CSS (given to Gradio with the theme): the headings' layout, and no padding
+# around them, so that a heading starts where its answer's text does.
+ARENA_CSS = """
+.answer-status .html-container { padding: 0; }
+.answer-heading { display: flex; align-items: baseline; gap: 0.75em; min-height: 2em; }
+.answer-heading h3 { margin: 0; font-size: var(--text-xl); font-weight: 600; }
+.writing { color: var(--body-text-color-subdued); font-size: var(--text-md); }
+.busy::before { content: ""; display: inline-block; width: 0.5em; height: 0.5em;
+  margin-right: 0.4em; border-radius: 50%; background: var(--color-accent);
+  animation: writing-pulse 1s ease-in-out infinite alternate; }
+@keyframes writing-pulse { from { opacity: 1; } to { opacity: 0.2; } }
+@media (prefers-reduced-motion: reduce) { .busy::before { animation: none; } }
+.visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
+  clip-path: inset(50%); white-space: nowrap; }
+"""
+HEADING_JS = """
+const mark = () => {
+  const answer = document.getElementById('answer-{side}');
+  if (answer) answer.setAttribute('aria-busy', String(!!element.querySelector('.busy')));
+};
+mark();
+watch('value', mark);
+"""
+
+
+def answer_heading(side: str) -> gr.HTML:
+    """The heading "Answer A" (or B), and the answer's status beside it (:func:`answer_status`)."""
+    return gr.HTML(answer_status(side, IDLE), elem_id=f"answer-{side}-heading",
+                   elem_classes="answer-status",
+                   html_template=HEADING_TEMPLATE.format(letter=side.upper(), side=side),
+                   js_on_load=HEADING_JS.replace("{side}", side))
+
+
 def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
     """Lay out the Arena inside the current ``gr.Blocks`` and wire its events. Returns the
     arguments of the page's load event (the terms shown or not), None without terms."""
@@ -302,12 +374,13 @@ def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
             accept = gr.Button("I accept", variant="primary", elem_id="accept-terms")
     state = gr.State(None)
     chat = gr.Chatbot(label="Conversation", elem_id="conversation", height=320)
-    with gr.Row(equal_height=True):
+    # Not equal_height: a stretched column centres its shorter answer beside a longer one.
+    with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### Answer A")
+            heading_a = answer_heading("a")
             answer_a = gr.Markdown(PLACEHOLDER, elem_id="answer-a", line_breaks=True)
         with gr.Column():
-            gr.Markdown("### Answer B")
+            heading_b = answer_heading("b")
             answer_b = gr.Markdown(PLACEHOLDER, elem_id="answer-b", line_breaks=True)
     with gr.Row():
         better_a = gr.Button("A is better", interactive=False, elem_id="vote-a")
@@ -335,8 +408,8 @@ def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
     # Answers render as sanitised Markdown: HTML or script in model output stays inert.
     disabled_until_vote = [better_a, better_b, tie, both_bad, submit_written]
 
-    outputs = [state, chat, answer_a, answer_b, status, *disabled_until_vote, message, send,
-               written, undo]
+    outputs = [state, chat, answer_a, answer_b, heading_a, heading_b, status,
+               *disabled_until_vote, message, send, written, undo]
 
     async def on_send(text: str, current: ArenaState | None, request: gr.Request):
         async for view in handlers.send(text, current, handlers.client(request)):

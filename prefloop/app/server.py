@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from prefloop.app.api import api_router, health_router, install_error_handlers
-from prefloop.app.arena import ArenaHandlers, build_arena
+from prefloop.app.arena import ARENA_CSS, ArenaHandlers, build_arena
 from prefloop.app.chat import ChatService
 from prefloop.app.guard import ClientCookies
 from prefloop.app.loop_api import loop_routers
@@ -40,6 +40,22 @@ HEALTH_TIMEOUT_S = 1.5  # each check; /healthz answers within about that
 INTRO = """# prefloop
 Chat with the model. Every turn shows **two answers**: pick the better one (or call a tie,
 say both are bad, or write a better answer). Your votes teach the model."""
+
+
+def page_theme() -> gr.themes.Base:
+    """Gradio's default theme, its semibold text drawn from the fonts' bold files.
+
+    Gradio 6.31 ships SourceSansPro-SemiBold.woff2 (and IBMPlexMono-SemiBold.woff2) as a
+    subset of a few glyphs: in "A is better" or "Answer B" the A and B came from it and every
+    other letter from the browser's fallback font, at another size and weight. The bold
+    files are whole; with no 600 face declared, the browser draws weight 600 with the 700 one.
+    """
+    whole = (400, 700)
+    return gr.themes.Default(
+        font=(gr.themes.LocalFont("Source Sans Pro", weights=whole), "ui-sans-serif",
+              "system-ui", "sans-serif"),
+        font_mono=(gr.themes.LocalFont("IBM Plex Mono", weights=whole), "ui-monospace",
+                   "Consolas", "monospace"))
 
 
 def build_page(service: ChatService, admin_password: str | None = None) -> gr.Blocks:
@@ -118,7 +134,8 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     app.state.service = service
     # Gradio replaces the app's lifespan with its own; given here, ours runs inside it.
     return gr.mount_gradio_app(app, build_page(service, admin_password), path="/",
-                               show_error=False, app_kwargs={"lifespan": lifespan})
+                               show_error=False, theme=page_theme(), css=ARENA_CSS,
+                               app_kwargs={"lifespan": lifespan})
 
 
 @dataclass
