@@ -7,6 +7,9 @@ copied to docs/sim/<section>/.
 
     .venv/bin/python bench/simulate.py --oracle sentiment      # target: win-rate >= 0.70
     .venv/bin/python bench/simulate.py --oracle concise        # target: win-rate >= 0.75
+    # issue 14: the product's training defaults over seeds, win-rate and KL per token
+    .venv/bin/python bench/simulate.py --oracle sentiment --seeds 0 1 2 --label defaults \
+        -- --promote immediate --max-tokens 40 --temperature 1.0
     # issue 13: nothing to learn, three seeds; at most one of the candidates crowned
     .venv/bin/python bench/simulate.py --oracle random --seeds 1 2 3 -- --promote duel
     # issue 13: a crowd with random and side voters still promotes; the side voter flagged
@@ -36,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The held-out win-rate vs base a run without noise must reach (issue 5); None: no target.
 TARGETS: dict[str, float | None] = {"sentiment": 0.70, "concise": 0.75, "random": None}
 CROWNED_AT_MOST = 1  # of the random oracle's candidates over all seeds (issue 13: 5% rate)
+MAX_KL_PER_TOKEN = 0.2  # mean final KL(champion ‖ base) over seeds (issue 14)
+MINUTES = 25  # per run (issue 14)
+RESULTS = ROOT / "bench" / "results"  # each run's measures, for bench/frontier.py
 
 
 def run(oracle: str, seed: int, args: argparse.Namespace, plots: Path,
@@ -89,14 +95,25 @@ def checks(oracle: str, reports: list[dict[str, Any]], minutes: list[float]) -> 
                              f"{count['flagged']}/{count['voters']}",
                              "" if kind not in wanted else "all" if wanted[kind] else "0",
                              None if kind not in wanted else count["flagged"] == wanted[kind]))
+    finals = [r["points"][-1] for r in reports]
+    if target is not None and not noisy and len(reports) > 1:
+        rates = [f["winrate_vs_base"] or 0.0 for f in finals]
+        rows.append(("mean final win-rate vs base over the seeds",
+                     f"{sum(rates) / len(rates):.2f}", f">= {target:.2f}",
+                     sum(rates) / len(rates) >= target))
+    kls = [f.get("kl_per_token") for f in finals]
+    if target is not None and not noisy and None not in kls:
+        rows.append(("mean final KL(champion ‖ base), nats per token",
+                     f"{sum(kls) / len(kls):.3f}", f"<= {MAX_KL_PER_TOKEN}",
+                     sum(kls) / len(kls) <= MAX_KL_PER_TOKEN))
     if oracle == "random":
         fates = [a for r in reports for a in r["points"][-1].get("adapters", [])]
         crowned = sum(a["state"] in ("champion", "retired", "rolled_back") for a in fates)
         rows.append(("candidates ever crowned (a random oracle: none is better)",
                      f"{crowned} of {len(fates)}", f"<= {CROWNED_AT_MOST}",
                      crowned <= CROWNED_AT_MOST))
-    rows.append(("minutes per run", ", ".join(f"{m:.1f}" for m in minutes), "< 20",
-                 all(m < 20 for m in minutes)))
+    rows.append(("minutes per run", ", ".join(f"{m:.1f}" for m in minutes), f"< {MINUTES}",
+                 all(m < MINUTES for m in minutes)))
     return rows
 
 
@@ -107,18 +124,30 @@ def main() -> None:
     parser.add_argument("--pairs-per-round", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--dry-run", action="store_true", help="print, write nothing")
+    parser.add_argument("--label", default="",
+                        help="name of the recipe tried: its own section, and its measures "
+                             "kept under bench/results/ for bench/frontier.py")
     parser.add_argument("extra", nargs="*", help="more `prefloop simulate` flags (after --)")
     args = parser.parse_args()
     noise = next((args.extra[i + 1] for i, flag in enumerate(args.extra[:-1])
                   if flag == "--noise"), None)
     section = f"simulate-{args.oracle}" + (f"-noise-{re.sub(r'[^a-z0-9.]+', '-', noise)}"
-                                           if noise else "")
+                                           if noise else "") + (
+        f"-{re.sub(r'[^a-z0-9.]+', '-', args.label.lower())}" if args.label else "")
     plots = ROOT / "docs" / "sim" / section.removeprefix("simulate-")
     reports, texts, minutes = [], [], []
     prefixes = {s: "" if len(args.seeds) == 1 else f"seed{s}-" for s in args.seeds}
     for seed in args.seeds:
         report, text, took = run(args.oracle, seed, args, plots, prefixes[seed])
         reports.append(report)
+        if not args.dry_run:
+            keep = RESULTS / section.removeprefix("simulate-") / f"seed{seed}.json"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text(json.dumps({
+                "oracle": args.oracle, "label": args.label, "seed": seed, "flags": args.extra,
+                "minutes": round(took, 1),
+                "points": [{k: v for k, v in point.items() if k != "adapters"}
+                           for point in report["points"]]}, indent=1) + "\n")
         minutes.append(took)
         # The report's own title goes; its sections sit one level below this section's.
         body = re.sub(r"(?m)^## ", "#### ", text.split("\n", 2)[2])

@@ -66,7 +66,7 @@ def serve(settings: Settings) -> None:
 
     try:
         run(settings, progress=click.echo)
-    except (ModelError, VLLMError, OSError) as exc:
+    except (ConfigError, ModelError, VLLMError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -97,7 +97,8 @@ def status(settings: Settings, as_json: bool) -> None:
 
     info: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in
                                          dataclasses.asdict(settings).items()}}
-    info["settings"]["vllm_api_key"] = "***" if settings.vllm_api_key else None
+    for secret in ("vllm_api_key", "moderation_api_key"):
+        info["settings"][secret] = "***" if getattr(settings, secret) else None
     try:
         model_path = model_dir_for(settings.model, settings.models_dir)
         info["model"] = {"path": str(model_path), "prepared": is_prepared(model_path)}

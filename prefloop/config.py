@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefloop.hardware import NO_NATIVE_BF16_ENV, SERVE_DTYPES
 from prefloop.trainer.settings import RoundConfig
@@ -96,6 +97,26 @@ class Settings:
         30.0, "Seconds after a vote in which its voter may take it back (0: no undo). An "
               "undo is refused once a training round has used the vote or the conversation "
               "went on, and for duel votes (the reply named the models).", lo=0, hi=86_400)
+    terms_file: Path | None = _setting(
+        None, "Markdown file of the terms visitors must accept before anything of theirs is "
+              "stored (none: private use, no terms asked). Its hash is the terms' version, "
+              "stored with every pair; a changed file asks every visitor again.")
+    moderation: str = _setting(
+        "off", "Check every message, answer and written answer: 'off', 'builtin' (a short "
+               "built-in list of phrases: a floor, not a filter for a public demo), the URL "
+               "of an OpenAI-compatible moderation endpoint (http://HOST/v1/moderations), or "
+               "module:function (path/to/file.py:function) called with the text and returning "
+               "a reason (or True) when it is flagged.")
+    moderation_fail: str = _setting(
+        "closed", "When the moderation check fails (its service down, an error): closed: "
+                  "refuse the message or answer (503, try again); open: let it through "
+                  "unchecked. Counted either way.", choices=("closed", "open"))
+    moderation_timeout: float = _setting(5.0, "Seconds to wait for a moderation URL.",
+                                         lo=0.1, hi=600)
+    moderation_api_key: str | None = _setting(None, "API key sent to the moderation URL "
+                                                    "(Authorization: Bearer).")
+    moderation_model: str | None = _setting(None, "Model named to the moderation URL (none: "
+                                                  "the service's default).")
     # -- limits: a public demo meets crowds -------------------------------------------------
     pairs_per_minute: int = _setting(20, "Pairs one client may ask for per minute (0: no "
                                          "limit).", lo=0, hi=1_000_000)
@@ -192,6 +213,7 @@ class Settings:
             raise ConfigError("dataset_license: a Hugging Face license id in lower case "
                               "(e.g. cc-by-4.0, apache-2.0, other, unknown), got "
                               f"{self.dataset_license!r}")
+        _check_moderation(self)
         if self.max_kl > 0 and self.kl_probe_prompts == 0:
             raise ConfigError(f"max_kl ({self.max_kl:g}) needs the KL probe: set "
                               "kl_probe_prompts above 0, or max_kl = 0 for no KL budget")
@@ -214,6 +236,35 @@ class Settings:
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MODERATION_WORDS = ("off", "builtin")
+
+
+def moderation_kind(spec: str) -> str:
+    """What a ``moderation`` setting names: off, builtin, url or function (ConfigError when
+    it is none of them; a function's module is imported only when the app starts)."""
+    if spec in MODERATION_WORDS:
+        return spec
+    if spec.startswith(("http://", "https://")):
+        url = urlsplit(spec)
+        if not url.hostname or not url.path.rstrip("/").endswith("/moderations"):
+            raise ConfigError("moderation: a URL must be the whole address of an "
+                              "OpenAI-compatible moderation endpoint, ending in /moderations "
+                              f"(e.g. http://127.0.0.1:8000/v1/moderations), got {spec!r}")
+        return "url"
+    where, colon, name = spec.rpartition(":")
+    if colon and where and name.isidentifier():
+        return "function"
+    raise ConfigError("moderation: expected off, builtin, an OpenAI-compatible moderation URL "
+                      "(http://HOST/v1/moderations) or module:function "
+                      f"(path/to/file.py:function), got {spec!r}")
+
+
+def _check_moderation(settings: Settings) -> None:
+    kind = moderation_kind(settings.moderation)
+    for key in ("moderation_api_key", "moderation_model"):
+        if getattr(settings, key) and kind != "url":
+            raise ConfigError(f"{key} applies to a moderation URL only, and moderation is "
+                              f"{settings.moderation!r}")
 
 REMOVED = {
     "promote_min_votes": "the promotion test has no minimum: set max_duel_votes (the most "
@@ -263,7 +314,8 @@ def _describe(f: dataclasses.Field) -> str:
         kind = "an integer" if typ is int else "a number"
         text = f"{kind} from {meta['lo']:g} to {meta['hi']:g}"
     else:
-        names = {str: "a string", Path: "a folder path", bool: "true or false"}
+        names = {str: "a string", bool: "true or false",
+                 Path: "a file path" if f.name.endswith("_file") else "a folder path"}
         text = names.get(typ, typ.__name__)
     return text + (" (or empty for none)" if optional else "")
 

@@ -96,7 +96,7 @@ def test_the_exported_folder_loads_with_datasets_and_the_card_counts_match(
 
     rows = [row for split in loaded.values() for row in split]
     assert set(rows[0]) == {"prompt", "chosen", "rejected", "pair_id", "kind", "vote",
-                            "policy_chosen", "policy_rejected", "voted_at"}
+                            "policy_chosen", "policy_rejected", "voted_at", "terms_version"}
     assert rows[0]["prompt"][0]["role"] == "user"
     assert rows[0]["chosen"][0]["role"] == "assistant"
     # What the database holds, row by row: no flagged voter, no undone vote, no tie.
@@ -154,3 +154,23 @@ def test_dataset_license_is_checked() -> None:
     assert Settings(dataset_license="apache-2.0").dataset_license == "apache-2.0"
     with pytest.raises(ConfigError, match="dataset_license"):
         Settings(dataset_license="CC BY 4.0\nnot: yaml")
+
+
+def test_the_card_and_rows_name_the_terms_each_vote_was_given_under(store: Store,
+                                                                    tmp_path: Path) -> None:
+    voted(store, GOOD, "a")  # no terms asked
+    for _ in range(2):
+        conversation = store.create_conversation(OTHER)
+        pair = store.add_pair(conversation, [{"role": "user", "content": f"Q {conversation}"}],
+                              Answer("base", "x", 1), Answer("base", "y", 2),
+                              terms_version="0123456789abcdef")
+        store.vote(pair, "b", client_id=OTHER)
+    out = tmp_path / "ds"
+    assert CliRunner().invoke(main, ["export", "--format", "hf", "--out", str(out),
+                                     "--data-dir", str(store.path.parent)]).exit_code == 0
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
+    versions = sorted(str(r["terms_version"]) for split in loaded.values() for r in split)
+    assert versions == ["0123456789abcdef", "0123456789abcdef", "None"]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "- version `0123456789abcdef`: 2 votes" in card
+    assert "- no terms asked: 1 vote" in card

@@ -33,6 +33,7 @@ def files(part: str) -> list[Path]:
 FORBIDDEN = {
     "names": ("prefloop.",),  # leaves: anything may import them
     "atomic": ("prefloop.",),
+    "plugins": ("prefloop.",),
     "trainer": ("prefloop.app", "prefloop.serving", "prefloop.loop", "prefloop.sim",
                 "prefloop.storage"),
     "serving": ("prefloop.app", "prefloop.loop", "prefloop.sim"),

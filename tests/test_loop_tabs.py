@@ -172,10 +172,12 @@ def test_rounds_table_and_plots(loop: Loop, handlers: LoopHandlers) -> None:
     assert view.accuracy.to_dict("records") == [{"round": good, "accuracy": 0.75}]
     assert view.margin.to_dict("records") == [{"round": good, "margin": 0.3}]
     [hour] = view.votes.to_dict("records")
-    assert hour["votes"] == 2 and len(hour["hour"]) == 13  # 'YYYY-MM-DDTHH'
+    assert hour["votes"] == 2 and len(hour["hour"]) == 16  # 'YYYY-MM-DD HH:00'
+    assert hour["hour"].endswith(":00") and "T" not in hour["hour"]
     assert view.plots_note == ""
     updates = view.updates()
     assert len(updates) == 7 and all(u["visible"] for u in updates[3:])
+    assert updates[-1]["y_lim"] == [0, 5]  # whole-vote ticks: see votes_axis_top
     shown = gr.Dataframe().postprocess(view.rounds)  # what Gradio sends: no NaN
     assert not any(isinstance(c, float) and math.isnan(c) for row in shown.data for c in row)
 

@@ -137,7 +137,7 @@ def test_round_writes_adapter_and_metrics(tiny_model: Path, tmp_path: Path) -> N
     assert _leftovers(out.parent) == ["v0001"]  # no temporary folder left beside it
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model.resolve())
-    assert adapter_config["r"] == 16 and set(adapter_config["target_modules"]) == {
+    assert adapter_config["r"] == 8 and set(adapter_config["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
     saved = json.loads((out / "metrics.json").read_text())

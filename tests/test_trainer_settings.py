@@ -11,7 +11,7 @@ import click
 import pytest
 
 from prefloop.config import load_settings, setting_fields
-from prefloop.loop.rounds import round_config
+from prefloop.loop.rounds import TRAIN_KL_SHARE, round_config
 from prefloop.trainer.cli import train_command
 from prefloop.trainer.settings import LOSSES, RoundConfig, arguments, option_name
 
@@ -47,10 +47,11 @@ def test_arguments_rebuild_the_config(tmp_path: Path) -> None:
     changed = RoundConfig(pairs=pairs, out=tmp_path / "out", model=tmp_path / "model",
                           init_adapter=adapter, loss="robust", beta=0.25, label_smoothing=0.1,
                           lr=3e-5, epochs=3, batch_size=2, grad_accum=2, micro_batch=0,
-                          batch_order="file", precision="fp32", max_length=64, lora_r=8,
-                          lora_alpha=16, lora_dropout=0.0, target_modules=("q_proj", "v_proj"),
+                          batch_order="file", precision="fp32", max_length=64, lora_r=4,
+                          lora_alpha=8, lora_dropout=0.0, target_modules=("q_proj", "v_proj"),
                           val_fraction=0.0, seed=7, warmup_ratio=0.0, max_grad_norm=0.5,
-                          skip_invalid=True, threads=1)
+                          max_kl=0.1, kl_check_steps=3, kl_pairs=5, skip_invalid=True,
+                          threads=1)
     for config in (plain, changed):
         assert RoundConfig(**_parsed(arguments(config))) == config
     assert {f.name for f in fields(RoundConfig)
@@ -69,7 +70,13 @@ def test_the_loop_settings_set_the_trainer_fields(tmp_path: Path) -> None:
     defaults = round_config(load_settings(env={}), pairs=tmp_path / "p.jsonl",
                             out=tmp_path / "v0001", model=tmp_path / "m", init_adapter=None,
                             seed=1)
-    assert (defaults.epochs, defaults.threads, defaults.lora_alpha) == (2, 1, 32)
+    assert (defaults.epochs, defaults.threads, defaults.lora_alpha) == (2, 1, 16)
+    # The trainer stops at a share of the loop's KL budget; no budget, no check.
+    assert defaults.max_kl == pytest.approx(0.2 * TRAIN_KL_SHARE)
+    unbounded = round_config(load_settings(env={}, overrides={"max_kl": 0}),
+                             pairs=tmp_path / "p.jsonl", out=tmp_path / "v0001",
+                             model=tmp_path / "m", init_adapter=None, seed=1)
+    assert unbounded.max_kl == 0
 
 
 def test_settings_take_the_trainer_choices_and_defaults() -> None:

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from prefloop.app.chat import ChatService, Forbidden, InputError
 from prefloop.app.guard import COOKIE, Client, Refused
+from prefloop.app.moderation import Flagged
+from prefloop.app.privacy import ConsentRequired
 from prefloop.serving.context import ContextTooLong
 from prefloop.serving.sampler import SamplingError
 from prefloop.storage.store import Conflict, NotFound
@@ -29,9 +31,11 @@ class PairRequest(BaseModel):
 
 
 class AnswerOut(BaseModel):
-    text: str
+    text: str = Field(description="The answer; empty when moderation withheld it.")
     policy: str | None = Field(description="Who wrote it; null in a duel until the vote.")
     finish_reason: str | None
+    withheld: str | None = Field(
+        None, description="Why moderation withheld this answer (null: it is shown).")
 
 
 class PairResponse(BaseModel):
@@ -43,6 +47,9 @@ class PairResponse(BaseModel):
     b: AnswerOut
     dropped_messages: int = Field(
         description="Oldest messages left out to fit the model's context window.")
+    votable: bool = Field(
+        True, description="False when moderation withheld an answer: the pair takes no vote "
+                          "(and never trains); send the next message instead.")
 
 
 class VoteRequest(BaseModel):
@@ -97,18 +104,19 @@ def api_router(service: ChatService) -> APIRouter:
         """Two answers to `message`, stored as a pair that awaits one vote.
 
         Keep the `prefloop_client` cookie of the reply: the vote and the next turn must
-        carry it."""
+        carry it. 403 until the client accepted the terms (when the server asks for
+        consent); 422 for a message moderation flagged; an answer it flagged comes back
+        empty with `withheld` set, and the pair is not `votable`."""
         turn = await service.turn(body.message, body.conversation_id,
                                   request_client(service, request), seed=body.seed)
-        progress = turn.progress
         hidden = turn.kind == "duel"
+        a, b = (AnswerOut(text=side.text, policy=None if hidden else side.policy,
+                          finish_reason=side.finish_reason, withheld=turn.withheld.get(name))
+                for name, side in (("a", turn.progress.a), ("b", turn.progress.b)))
         return PairResponse(
             pair_id=turn.pair_id, conversation_id=turn.conversation_id, kind=turn.kind,
-            a=AnswerOut(text=progress.a.text, policy=None if hidden else progress.a.policy,
-                        finish_reason=progress.a.finish_reason),
-            b=AnswerOut(text=progress.b.text, policy=None if hidden else progress.b.policy,
-                        finish_reason=progress.b.finish_reason),
-            dropped_messages=progress.dropped_messages)
+            a=a, b=b, dropped_messages=turn.progress.dropped_messages,
+            votable=not turn.withheld)
 
     @router.post("/votes", response_model=VoteResponse, responses=ERRORS)
     def create_vote(body: VoteRequest, request: Request) -> VoteResponse:
@@ -173,8 +181,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(sqlite3.Error, database)
     app.add_exception_handler(Forbidden, handler(403))
+    app.add_exception_handler(ConsentRequired, handler(403))
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(Conflict, handler(409))
     app.add_exception_handler(InputError, handler(422))
+    app.add_exception_handler(Flagged, handler(422))
     app.add_exception_handler(ContextTooLong, handler(422))
     app.add_exception_handler(SamplingError, handler(503, {"Retry-After": "5"}))

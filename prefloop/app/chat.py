@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from prefloop.app.guard import COOKIE, Client, Guard
+from prefloop.app.moderation import Moderator
+from prefloop.app.privacy import Consent, load_terms
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop
 from prefloop.loop.duels import TurnPlan
@@ -39,6 +41,9 @@ class Turn:
     progress: PairProgress
     kind: str = PairKind.SAMPLE  # duel: two policies, named to the voter only after the vote
     pair_id: str | None = None  # set on the last snapshot, once the pair is stored
+    # On the last snapshot: side ("a", "b") -> why moderation withheld that answer (its text
+    # is blank then); a pair with any withheld answer takes no vote.
+    withheld: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def stored_answer(side: Side) -> Answer:
@@ -65,19 +70,27 @@ class ChatService:
     """Conversations in the arena: each user turn gets two answers and one vote."""
 
     def __init__(self, settings: Settings, store: Store, sampler: PairSampler,
-                 loop: Loop | None = None, guard: Guard | None = None) -> None:
+                 loop: Loop | None = None, guard: Guard | None = None,
+                 consent: Consent | None = None, moderator: Moderator | None = None) -> None:
+        """``consent``: the terms (read from ``settings.terms_file`` when not given);
+        ``moderator``: the moderation check (from ``settings.moderation`` when not given).
+        :class:`~prefloop.config.ConfigError` if a setting will not do."""
         self.settings = settings
         self.store = store
         self.sampler = sampler
         self.loop = loop  # None: every turn is two samples from base
         self.guard = guard or Guard(settings)
+        self.consent = consent or Consent(store, load_terms(settings.terms_file))
+        self.moderator = moderator or Moderator(settings)
         # Called with each stored pair's kind and final snapshot (e.g. latency metrics).
         self.on_pair: list[Callable[[str, PairProgress], None]] = []
 
     def check_turn(self, message: object, conversation_id: str | None,
                    client: Client | None = None) -> str:
-        """Validate a new user turn before any work is done; returns the message."""
+        """Validate a new user turn before any work is done; returns the message.
+        :class:`~prefloop.app.privacy.ConsentRequired` until the client accepted the terms."""
         text = clean_text(message, "the message", self.settings.max_message_chars)
+        self.consent.require(client)
         if conversation_id is not None:
             if not isinstance(conversation_id, str):
                 raise InputError("conversation_id must be a string")
@@ -104,6 +117,9 @@ class ChatService:
         # event loop (and /healthz, and every stream) for seconds (bench/load.py).
         text = await asyncio.to_thread(self.check_turn, message, conversation_id, client)
         with self.guard.generation(client):
+            # Inside the client's limits: a refused message costs a check, and checks count.
+            await asyncio.to_thread(self.moderator.refuse_flagged, text, "message",
+                                    "your message")
             async for turn in self._stream_turn(text, conversation_id, client, seed):
                 yield turn
 
@@ -121,6 +137,11 @@ class ChatService:
                 final = progress
                 yield Turn(conversation_id, progress, plan.kind)
         assert final is not None and final.done
+        withheld: dict[str, str] = {}
+        if self.moderator.active:
+            final, withheld = await asyncio.to_thread(self._withhold_flagged, final)
+        # Asked again: the visitor may have deleted their data (and consent) meanwhile.
+        terms_version = await asyncio.to_thread(self.consent.require, client)
         if conversation_id is None:
             conversation_id = await asyncio.to_thread(self.store.create_conversation,
                                                       client and client.id)
@@ -131,10 +152,23 @@ class ChatService:
             self.store.add_pair, conversation_id, context, stored_answer(final.a),
             stored_answer(final.b), kind=plan.kind,
             dropped_messages=final.dropped_messages, sampling=self.sampler.sampling.as_dict(),
-            first_token_ms=final.first_token_ms, total_ms=final.total_ms)
+            first_token_ms=final.first_token_ms, total_ms=final.total_ms,
+            terms_version=terms_version,
+            withheld="; ".join(f"answer {side.upper()}: {why}"
+                               for side, why in withheld.items()) or None)
         for observe in self.on_pair:
             observe(plan.kind, final)
-        yield Turn(conversation_id, final, plan.kind, pair_id)
+        yield Turn(conversation_id, final, plan.kind, pair_id, withheld)
+
+    def _withhold_flagged(self, final: PairProgress) -> tuple[PairProgress, dict[str, str]]:
+        """Check both answers (each on its own); a flagged one's text is blanked, so it is
+        neither shown nor stored. Returns the answers to keep and side -> reason."""
+        reasons = self.moderator.check([final.a.text, final.b.text], "answer")
+        withheld = {side: why for side, why in zip("ab", reasons, strict=True)
+                    if why is not None}
+        blank = {side: dataclasses.replace(getattr(final, side), text="")
+                 for side in withheld}
+        return dataclasses.replace(final, **blank), withheld
 
     async def turn(self, message: object, conversation_id: str | None = None,
                    client: Client | None = None, seed: int | None = None) -> Turn:
@@ -152,6 +186,7 @@ class ChatService:
         ``conversation_id`` the pair must belong to that conversation.
         """
         self.guard.admit_vote(client)
+        self.consent.require(client)
         if not isinstance(pair_id, str) or not pair_id:
             raise InputError("pair_id must be a non-empty string")
         if answer is not None and choice in (None, "written"):
@@ -168,6 +203,8 @@ class ChatService:
         _check_owner(pair["owner"], client, "pair")
         if conversation_id is not None and conversation_id != pair["conversation_id"]:
             raise Conflict(f"pair {pair_id} belongs to another conversation")
+        if answer is not None:  # it would be trained on as the better answer
+            self.moderator.refuse_flagged(answer, "written_answer", "your written answer")
         row = self.store.vote(pair, choice, answer, client and client.id)
         decision = None
         if self.loop is not None:

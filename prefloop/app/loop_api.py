@@ -144,7 +144,8 @@ def check_client_id(client_id: str) -> str:
     """A client id as the ``prefloop_client`` cookie holds it (32 lowercase hex digits)."""
     if not is_hex_id(client_id):
         raise InputError("a client id is 32 lowercase hex digits (the prefloop_client "
-                         "cookie); take it from GET /api/v1/admin/clients/flagged")
+                         "cookie; flagged ones are listed at GET "
+                         "/api/v1/admin/clients/flagged)")
     return client_id
 
 

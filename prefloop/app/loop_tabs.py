@@ -49,8 +49,16 @@ FLAGGED_HELP = ("**Flagged voters.** A client (browser cookie) whose votes look 
                 "stored but count neither for training nor for promotion. **Clear** one to "
                 "count its votes again; only votes it casts afterwards can flag it again. "
                 "Client ids are shown only with the admin password.")
+VOTES_PLOT_HEIGHT = 300  # px; votes_axis_top counts on its few ticks
+VOTES_AXIS_TOP = 5  # votes: the least top of the votes-per-hour axis (votes_axis_top)
+SIDEWAYS_LABELS = 12  # more hours than this in the votes plot: their labels slant
 # UI events stay out of the Gradio API: the JSON API under /api/v1 is the one to script.
 QUIET: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden"}
+
+
+def hour_label(hour: str) -> str:
+    """'2025-01-01T10' (as the store groups votes) -> '2025-01-01 10:00': still in order."""
+    return hour.replace("T", " ") + ":00"
 
 
 def leaderboard_note(resamples: int) -> str:
@@ -106,17 +114,31 @@ class TrainingView:
     def updates(self) -> tuple[Any, ...]:
         return (self.status, self.rounds, self.plots_note,
                 *(gr.update(value=frame, visible=not frame.empty)
-                  for frame in (self.loss, self.accuracy, self.margin, self.votes)))
+                  for frame in (self.loss, self.accuracy, self.margin)),
+                gr.update(value=self.votes, visible=not self.votes.empty,
+                          y_lim=[0, votes_axis_top(self.votes)],
+                          x_label_angle=-45 if len(self.votes) > SIDEWAYS_LABELS else 0))
+
+
+def votes_axis_top(votes: pd.DataFrame) -> int:
+    """The top of the votes-per-hour axis: the busiest hour, and at least VOTES_AXIS_TOP.
+
+    Vega-Lite aims at one tick per 40 px of plot height (fewer than 8 on VOTES_PLOT_HEIGHT),
+    at steps of 1, 2 or 5 × 10^k: over 0..5 or more the step is a whole vote, where over 0..3
+    it was 0.5 (and one hour of 1 vote, on an axis not starting at 0, read "1.000000")."""
+    return max(VOTES_AXIS_TOP, int(votes["votes"].max()) if len(votes) else 0)
 
 
 class LoopHandlers:
     """Event handlers of the loop's tabs, bound to a :class:`Loop`."""
 
     def __init__(self, loop: Loop, admin_password: str | None,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None,
+                 moderation: Callable[[], str] | None = None) -> None:
         self.loop = loop
         self.admin_password = admin_password or None
         self.guard = guard  # slows wrong passwords to 10 a minute per address
+        self.moderation = moderation  # the moderation counts, a line for the Admin tab
 
     # -- leaderboard ------------------------------------------------------------------------
 
@@ -145,7 +167,9 @@ class LoopHandlers:
                                for r in finished if r["losses"]], columns=["round", "loss"]),
             accuracy=_held_out(finished, "accuracy"),
             margin=_held_out(finished, "margin"),
-            votes=pd.DataFrame(self.loop.store.votes_per_hour(), columns=["hour", "votes"]))
+            votes=pd.DataFrame([{"hour": hour_label(r["hour"]), "votes": r["votes"]}
+                                for r in self.loop.store.votes_per_hour()],
+                               columns=["hour", "votes"]))
 
     def status_text(self) -> str:
         status = self.loop.reports.status()
@@ -274,9 +298,10 @@ class LoopHandlers:
 
     def admin_state(self) -> str:
         store = self.loop.store
-        return (f"Champion: **{store.champion()}** · Candidate: "
-                f"**{store.candidate() or 'none'}** · Loop: "
-                f"**{'paused' if self.loop.paused else 'running'}**")
+        state = (f"Champion: **{store.champion()}** · Candidate: "
+                 f"**{store.candidate() or 'none'}** · Loop: "
+                 f"**{'paused' if self.loop.paused else 'running'}**")
+        return state + (f"\n\n{self.moderation()}" if self.moderation else "")
 
 
 def _standing_row(s: dict[str, Any]) -> dict[str, Any]:
@@ -325,10 +350,11 @@ def _kl(nats_per_token: float | None) -> str:
     return "–" if nats_per_token is None else f"{nats_per_token:.3f}"
 
 
-def build_loop_tabs(loop: Loop, admin_password: str | None,
-                    guard: Guard | None = None) -> None:
-    """Lay out the Leaderboard, Training and Admin tabs inside the current ``gr.Tabs``."""
-    handlers = LoopHandlers(loop, admin_password, guard)
+def build_loop_tabs(loop: Loop, admin_password: str | None, guard: Guard | None = None,
+                    moderation: Callable[[], str] | None = None) -> None:
+    """Lay out the Leaderboard, Training and Admin tabs inside the current ``gr.Tabs``;
+    ``moderation`` gives the Admin tab's moderation line."""
+    handlers = LoopHandlers(loop, admin_password, guard, moderation)
     tabs = get_render_context()
     with gr.Tab("Leaderboard", id="leaderboard", elem_id="leaderboard-tab") as leaderboard_tab:
         refresh_leaderboard = _build_leaderboard(handlers)
@@ -389,7 +415,9 @@ def _build_training(handlers: LoopHandlers) -> dict[str, Any]:
         margin = gr.LinePlot(x="round", y="margin", elem_id="margin-plot", visible=False,
                              title="Held-out reward margin (after)", x_title="round")
     votes = gr.BarPlot(x="hour", y="votes", elem_id="votes-plot", visible=False,
-                       title="Votes per hour (UTC)", x_title="hour", sort="x")
+                       title="Votes per hour (UTC)", x_title="hour (UTC)", y_title="votes",
+                       y_axis_format="d", y_lim=[0, VOTES_AXIS_TOP], sort="x",
+                       height=VOTES_PLOT_HEIGHT)
     refresh = gr.Button("Refresh", elem_id="training-refresh")
     event = {"fn": lambda: handlers.training_view().updates(),
              "outputs": [status, rounds, plots_note, loss, accuracy, margin, votes], **QUIET}

@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from prefloop.app.guard import Guard
+from prefloop.app.moderation import Moderator
 from prefloop.serving.sampler import PairProgress
 from prefloop.storage.store import Store
 
@@ -27,25 +28,37 @@ class StoreCollector(Collector):
     """What the database, the guard and the vLLM supervisor say, at scrape time."""
 
     def __init__(self, store: Store, guard: Guard,
-                 vllm_restarts: Callable[[], int] | None) -> None:
+                 vllm_restarts: Callable[[], int] | None,
+                 moderator: Moderator | None = None) -> None:
         self.store, self.guard, self.vllm_restarts = store, guard, vllm_restarts
+        self.moderator = moderator
 
     def collect(self) -> Iterator[Metric]:
         counts = self.store.counts()
-        yield CounterMetricFamily("prefloop_conversations", "Conversations started.",
-                                  value=counts["conversations"])
-        yield CounterMetricFamily("prefloop_pairs", "Answer pairs stored.",
-                                  value=counts["pairs"])
-        votes = CounterMetricFamily("prefloop_votes", "Votes cast, by choice (undone ones "
-                                    "included: a counter never goes down).", labels=["choice"])
+        # Deleted data is counted as it goes (undone votes and visitors' deleted data), so
+        # that these counters count what was made and never go down.
+        deleted = self.store.deleted_counts()
+        yield CounterMetricFamily("prefloop_conversations", "Conversations started (deleted "
+                                  "ones included).",
+                                  value=counts["conversations"] + deleted.get("conversations", 0))
+        yield CounterMetricFamily("prefloop_pairs", "Answer pairs stored (deleted ones "
+                                  "included).", value=counts["pairs"] + deleted.get("pairs", 0))
+        votes = CounterMetricFamily("prefloop_votes", "Votes cast, by choice (undone and "
+                                    "deleted ones included: a counter never goes down).",
+                                    labels=["choice"])
         undone = CounterMetricFamily("prefloop_votes_undone", "Votes taken back, by choice.",
                                      labels=["choice"])
+        removed = CounterMetricFamily("prefloop_votes_deleted", "Votes deleted with their "
+                                      "client's data, by choice.", labels=["choice"])
         taken_back = self.store.votes_undone()
         for choice, n in self.store.votes_by_choice().items():
-            votes.add_metric([choice], n + taken_back[choice])
+            gone = deleted.get(f"votes.{choice}", 0)
+            votes.add_metric([choice], n + taken_back[choice] + gone)
             undone.add_metric([choice], taken_back[choice])
+            removed.add_metric([choice], gone)
         yield votes
         yield undone
+        yield removed
         rounds = GaugeMetricFamily("prefloop_rounds", "Training rounds, by status.",
                                    labels=["status"])
         for status, n in self.store.rounds_by_status().items():
@@ -65,6 +78,21 @@ class StoreCollector(Collector):
         for limit, n in sorted(self.guard.refused.items()):
             refused.add_metric([limit], n)
         yield refused
+        if self.moderator is not None and self.moderator.active:
+            flagged = CounterMetricFamily(
+                "prefloop_moderation_flagged", "Texts moderation flagged since the start: "
+                "messages and written answers refused, answers withheld.", labels=["what"])
+            for what, n in sorted(self.moderator.flagged.items()):
+                flagged.add_metric([what], n)
+            yield flagged
+            failed = CounterMetricFamily(
+                "prefloop_moderation_failures", "Moderation checks that failed since the "
+                "start, by what became of the text (moderation_fail).", labels=["outcome"])
+            for outcome, n in sorted(self.moderator.failures.items()):
+                failed.add_metric([outcome], n)
+            yield failed
+            yield GaugeMetricFamily("prefloop_pairs_withheld", "Pairs stored with an answer "
+                                    "moderation withheld.", value=self.store.count_withheld())
         if self.vllm_restarts is not None:
             yield CounterMetricFamily("prefloop_vllm_restarts", "Times the supervisor "
                                       "restarted vLLM after it died (and loaded the "
@@ -76,9 +104,10 @@ class Metrics:
     """One registry per app (tests build many apps in one process)."""
 
     def __init__(self, store: Store, guard: Guard,
-                 vllm_restarts: Callable[[], int] | None = None) -> None:
+                 vllm_restarts: Callable[[], int] | None = None,
+                 moderator: Moderator | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(StoreCollector(store, guard, vllm_restarts))
+        self.registry.register(StoreCollector(store, guard, vllm_restarts, moderator))
         self.first_token = Histogram(
             "prefloop_first_token_seconds", "Time to the first token of a pair (the faster "
             "answer's: whichever side streams first).", ["kind"], buckets=LATENCY_BUCKETS,

@@ -17,12 +17,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from prefloop.app.api import api_router, health_router, install_error_handlers
-from prefloop.app.arena import ArenaHandlers, build_arena
+from prefloop.app.arena import ARENA_CSS, ArenaHandlers, build_arena
 from prefloop.app.chat import ChatService
 from prefloop.app.guard import ClientCookies
 from prefloop.app.loop_api import loop_routers
 from prefloop.app.loop_tabs import build_loop_tabs
 from prefloop.app.metrics import Metrics
+from prefloop.app.moderation import Moderator
+from prefloop.app.privacy import load_terms
+from prefloop.app.privacy_api import privacy_routers
 from prefloop.config import Settings, admin_password
 from prefloop.loop.controller import Loop
 from prefloop.serving.adapters import AdapterPool
@@ -39,6 +42,22 @@ Chat with the model. Every turn shows **two answers**: pick the better one (or c
 say both are bad, or write a better answer). Your votes teach the model."""
 
 
+def page_theme() -> gr.themes.Base:
+    """Gradio's default theme, its semibold text drawn from the fonts' bold files.
+
+    Gradio 6.31 ships SourceSansPro-SemiBold.woff2 (and IBMPlexMono-SemiBold.woff2) as a
+    subset of a few glyphs: in "A is better" or "Answer B" the A and B came from it and every
+    other letter from the browser's fallback font, at another size and weight. The bold
+    files are whole; with no 600 face declared, the browser draws weight 600 with the 700 one.
+    """
+    whole = (400, 700)
+    return gr.themes.Default(
+        font=(gr.themes.LocalFont("Source Sans Pro", weights=whole), "ui-sans-serif",
+              "system-ui", "sans-serif"),
+        font_mono=(gr.themes.LocalFont("IBM Plex Mono", weights=whole), "ui-monospace",
+                   "Consolas", "monospace"))
+
+
 def build_page(service: ChatService, admin_password: str | None = None) -> gr.Blocks:
     # No analytics and no version check (both call Gradio's servers); the default theme's
     # fonts are served by the app itself, not by Google Fonts.
@@ -46,9 +65,13 @@ def build_page(service: ChatService, admin_password: str | None = None) -> gr.Bl
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("Arena", id="arena"):
-                build_arena(ArenaHandlers(service))
+                on_load = build_arena(ArenaHandlers(service))
             if service.loop is not None:
-                build_loop_tabs(service.loop, admin_password, service.guard)
+                build_loop_tabs(service.loop, admin_password, service.guard,
+                                moderation=lambda: service.moderator.summary(
+                                    service.store.count_withheld()))
+        if on_load is not None:
+            page.load(**on_load)
     page.queue(default_concurrency_limit=None)
     return page
 
@@ -59,7 +82,7 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     """The whole web app over an open store and a sampler (and the loop, if it runs);
     starts nothing itself."""
     service = ChatService(settings, store, sampler, loop)
-    metrics = Metrics(store, service.guard, vllm_restarts)
+    metrics = Metrics(store, service.guard, vllm_restarts, service.moderator)
     service.on_pair.append(metrics.observe_pair)
     health = httpx.AsyncClient(timeout=1.5)
 
@@ -101,6 +124,8 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     install_error_handlers(app)
     app.add_middleware(ClientCookies)
     app.include_router(api_router(service))
+    for router in privacy_routers(service, admin_password, service.guard):
+        app.include_router(router)
     app.include_router(health_router(checks))
     app.include_router(metrics.router())
     if loop is not None:
@@ -109,7 +134,8 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     app.state.service = service
     # Gradio replaces the app's lifespan with its own; given here, ours runs inside it.
     return gr.mount_gradio_app(app, build_page(service, admin_password), path="/",
-                               show_error=False, app_kwargs={"lifespan": lifespan})
+                               show_error=False, theme=page_theme(), css=ARENA_CSS,
+                               app_kwargs={"lifespan": lifespan})
 
 
 @dataclass
@@ -182,8 +208,17 @@ def make_sampler(settings: Settings, runtime: Runtime,
         model_name=runtime.loop.pool.served_name)
 
 
+def check_app_settings(settings: Settings) -> None:
+    """Load what the page will need from files and modules (the terms, a moderation
+    function), so that a bad setting fails with a :class:`~prefloop.config.ConfigError` at
+    once, not after vLLM has started."""
+    load_terms(settings.terms_file)
+    Moderator(settings)
+
+
 def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     """Run the page and API until SIGINT/SIGTERM, then stop vLLM; no process is left."""
+    check_app_settings(settings)
     # SIGTERM while vLLM starts must still stop it: turn it into KeyboardInterrupt until
     # uvicorn installs its own handlers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -321,6 +321,10 @@ class Loop:
             remove_partial_adapters(s.adapters_dir, name)
             self.store.update_round(round_id, status="failed", error=str(exc))
             return
+        finally:
+            # The trainer has read its input: from now on the votes live in the database
+            # alone, so a visitor's deletion of their data leaves no copy under rounds/.
+            snapshot.path.unlink(missing_ok=True)
         # Load first, book-keep after: serving the new adapter is what people wait for.
         loaded = time.monotonic()
         refused = self._load_new_adapter(name, out)

@@ -76,6 +76,12 @@ def snapshot_pairs(store: Store, path: Path, after_vote: int, max_pairs: int,
     return Snapshot(path, len(chosen), len(new), votes_until)
 
 
+TRAIN_KL_SHARE = 0.75
+"""The trainer stops at this share of ``max_kl``: the probe that judges the adapter after its
+round samples other prompts and its own answers, and the trainer's check, on the round's
+answers, tends to read lower (see prefloop.trainer.kl)."""
+
+
 def round_config(settings: Settings, *, pairs: Path, out: Path, model: Path,
                  init_adapter: Path | None, seed: int) -> RoundConfig:
     """What the loop tells the trainer: the ``train_*`` settings (each names the
@@ -84,7 +90,8 @@ def round_config(settings: Settings, *, pairs: Path, out: Path, model: Path,
              if f.metadata["round"]}
     knobs["threads"] = knobs["threads"] or None  # trainer_threads = 0: torch's one per core
     return RoundConfig(pairs=pairs, out=out, model=model, init_adapter=init_adapter, seed=seed,
-                       lora_alpha=2 * knobs["lora_r"], **knobs)
+                       lora_alpha=2 * knobs["lora_r"],
+                       max_kl=settings.max_kl * TRAIN_KL_SHARE, **knobs)
 
 
 def run_trainer(job: RoundConfig, log_path: Path, timeout: float,

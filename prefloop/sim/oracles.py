@@ -17,8 +17,6 @@ with ``getattr(oracle, "reward", None)``).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -27,11 +25,12 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from prefloop.plugins import load_function
 
 log = logging.getLogger(__name__)
 
@@ -350,38 +349,5 @@ def load_oracle(spec: str, *, seed: int = 0, **judge_options: Any) -> Oracle:
     if ":" not in spec:
         raise OracleError(f"unknown oracle {spec!r}: use one of {', '.join(BUILT_IN)}, "
                           "module:function or path/to/file.py:function")
-    where, _, attribute = spec.rpartition(":")  # rpartition: keeps C:\... paths whole
-    module = _load_file(where) if where.endswith(".py") or "/" in where or os.sep in where \
-        else _import_module(where)
-    function = getattr(module, attribute, None) if attribute else None
-    if function is None:
-        raise OracleError(f"oracle {spec!r}: {where} has no attribute {attribute!r}")
-    if not callable(function):
-        raise OracleError(f"oracle {spec!r}: {attribute} is a {type(function).__name__}, "
-                          "not a function")
+    function = load_function(spec, "oracle", OracleError)
     return CheckedOracle(function, spec)
-
-
-def _import_module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        raise OracleError(f"oracle module {name!r} cannot be imported ({exc}); check the "
-                          "name and that it is on the Python path") from None
-    except Exception as exc:  # the module itself is broken: say so, with the cause
-        raise OracleError(f"oracle module {name!r} failed while importing: {exc!r}") from exc
-
-
-def _load_file(path_text: str) -> Any:
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise OracleError(f"oracle file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"prefloop_oracle_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise OracleError(f"oracle file {path} is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise OracleError(f"oracle file {path} failed while importing: {exc!r}") from exc
-    return module

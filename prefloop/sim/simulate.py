@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 import statistics
 import time
@@ -114,6 +115,7 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
             row = runtime.store.round(round_id) if round_id else None
             point = await _measure(number, row, runtime, measure, oracle, plan, base_answers,
                                    bar)
+            point["fluency_base"] = report["points"][0]["fluency_base"]
             point["judge_pairs"] = judged
             point["votes"] = dict(sum(votes.values(), Counter()))
             point["votes_by_kind"] = {kind: dict(counts) for kind, counts in votes.items()}
@@ -227,9 +229,17 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
     adapter = None if champion == BASE else Path(runtime.store.adapter(champion)["path"])
     pairs = list(zip(contexts, mine, strict=True))
     base_pairs = list(zip(contexts, base_answers, strict=True))
-    ratios = await asyncio.to_thread(log_ratios, runtime.loop.base_model, adapter,
+    scored = await asyncio.to_thread(score_answers, runtime.loop.base_model, adapter,
                                      [(c, m.text) for c, m in pairs],
                                      [m.finish_reason == "length" for m in mine])
+    # Fluency: how likely base finds the champion's answers, per token, beside how likely it
+    # finds its own (base's samples, scored under base alone).
+    # Base's answers are the same every round: scored once, when they are sampled.
+    theirs = [(c, t) for c, answers in base_pairs for t in answers] if fresh else []
+    base_scored = await asyncio.to_thread(score_answers, runtime.loop.base_model, None,
+                                          [(c, t.text) for c, t in theirs],
+                                          [t.finish_reason == "length" for _, t in theirs])
+    tokens = sum(s.tokens for s in scored)
     return {
         "round": number, "champion": champion, "candidate": runtime.store.candidate(),
         "round_status": round_row["status"] if round_row else None,
@@ -240,7 +250,11 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
                         if reward else None),
         "winrate_vs_base": outcome["win"] / decided if decided else None,
         "wins": outcome["win"], "losses": outcome["loss"], "ties": outcome["tie"],
-        "both_bad": outcome["both_bad"], "kl": _mean(ratios),
+        "both_bad": outcome["both_bad"], "kl": _mean([s.log_ratio for s in scored]),
+        "kl_per_token": per_token(math.fsum(s.log_ratio for s in scored), tokens),
+        "fluency_champion": per_token(math.fsum(s.base for s in scored), tokens),
+        "fluency_base": per_token(math.fsum(s.base for s in base_scored),
+                                  sum(s.tokens for s in base_scored)),
         "mean_words": _mean([len(m.text.split()) for m in mine]),
         # What the numbers stand for: a rising reward can be a policy gaming the oracle.
         "examples": [{"prompt": prompt, "answer": m.text}
@@ -248,15 +262,28 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
     }
 
 
-def log_ratios(model_path: Path, adapter: Path | None, items: Sequence[tuple[Messages, str]],
-               cut: Sequence[bool] | None = None) -> list[float]:
-    """log π(y|x) − log π_base(y|x) for each (context, answer); all 0 without an adapter.
+@dataclass(frozen=True)
+class Scored:
+    """One answer's log-probability under the policy and under ``base``, and its tokens."""
+
+    policy: float
+    base: float
+    tokens: int
+
+    @property
+    def log_ratio(self) -> float:
+        return self.policy - self.base
+
+
+def score_answers(model_path: Path, adapter: Path | None,
+                  items: Sequence[tuple[Messages, str]],
+                  cut: Sequence[bool] | None = None) -> list[Scored]:
+    """log π(y|x) and log π_base(y|x) of each (context, answer), with its token count;
+    without an adapter the policy is ``base``.
 
     ``cut[i]``: answer i stopped at the token limit, so its end-of-turn token is not part
     of what the policy sampled and is left out.
     """
-    if adapter is None:
-        return [0.0] * len(items)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,10 +292,13 @@ def log_ratios(model_path: Path, adapter: Path | None, items: Sequence[tuple[Mes
     from prefloop.trainer.data import Message, PreferencePair
     from prefloop.trainer.tokenize import tokenize_pair
 
+    if not items:
+        return []
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
-                                                attn_implementation="sdpa")
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
     pairs = []
     for context, answer in items:
         prompt = tuple(Message(m["role"], m["content"]) for m in context)
@@ -280,16 +310,32 @@ def log_ratios(model_path: Path, adapter: Path | None, items: Sequence[tuple[Mes
             pair = dataclasses.replace(pair, chosen_ids=pair.chosen_ids[:-1])
         pairs.append(pair)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[float] = []
+    out: list[Scored] = []
     with torch.no_grad():
         for start in range(0, len(pairs), 8):
             index = list(range(start, min(start + 8, len(pairs))))
             batch = collate(pairs, index, pad)
-            policy = completion_logps(model, batch)[:len(index)]
-            with model.disable_adapter():
-                reference = completion_logps(model, batch)[:len(index)]
-            out += (policy - reference).tolist()
+            if adapter is None:
+                policy = reference = completion_logps(model, batch)[:len(index)]
+            else:
+                policy = completion_logps(model, batch)[:len(index)]
+                with model.disable_adapter():
+                    reference = completion_logps(model, batch)[:len(index)]
+            out += [Scored(p, r, len(pairs[i].chosen_ids) - pairs[i].chosen_start)
+                    for p, r, i in zip(policy.tolist(), reference.tolist(), index, strict=True)]
     return out
+
+
+def log_ratios(model_path: Path, adapter: Path | None, items: Sequence[tuple[Messages, str]],
+               cut: Sequence[bool] | None = None) -> list[float]:
+    """log π(y|x) − log π_base(y|x) for each (context, answer); all 0 without an adapter."""
+    if adapter is None:
+        return [0.0] * len(items)
+    return [s.log_ratio for s in score_answers(model_path, adapter, items, cut)]
+
+
+def per_token(total: float, tokens: int) -> float | None:
+    return total / tokens if tokens else None
 
 
 def _mean(values: Sequence[float]) -> float | None:

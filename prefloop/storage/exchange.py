@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,8 @@ HF_COLUMNS = {
     "policy_chosen": "the model that wrote chosen (base, vNNNN, human, import)",
     "policy_rejected": "the model that wrote rejected",
     "voted_at": "time of the vote (UTC, ISO 8601)",
+    "terms_version": "version (a hash) of the terms the voter had accepted when the pair was "
+                     "made; null where no terms were asked",
 }
 HF_CLIENT_COLUMN = ("client", "the voter: a hash of its random cookie id (only with "
                     "--with-client-ids; rows of one voter share it)")
@@ -208,7 +211,7 @@ def hf_rows(store: Store, since: str | None = None,
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     counts = {"votes": 0, "flagged_client_votes": 0, "no_preference_votes": 0,
               "decisive_votes": 0, "written_votes": 0, "conversations": set(),
-              "first_vote": None, "last_vote": None}
+              "first_vote": None, "last_vote": None, "terms_versions": Counter()}
     for row in store.voted_pairs(since):
         counts["votes"] += 1
         if row["flagged_client"]:
@@ -220,6 +223,7 @@ def hf_rows(store: Store, since: str | None = None,
             continue
         counts["written_votes" if row["choice"] == Choice.WRITTEN else "decisive_votes"] += 1
         counts["conversations"].add(row["conversation_id"])
+        counts["terms_versions"][row["terms_version"]] += 1
         counts["first_vote"] = counts["first_vote"] or row["voted_at"]
         counts["last_vote"] = row["voted_at"]
         split = "test" if in_test_split(row["conversation_id"]) else "train"
@@ -229,7 +233,7 @@ def hf_rows(store: Store, since: str | None = None,
                       "policy_chosen": ("human" if row["choice"] == Choice.WRITTEN
                                         else _policy_of(row, pref.chosen)),
                       "policy_rejected": _policy_of(row, pref.rejected),
-                      "voted_at": row["voted_at"]}
+                      "voted_at": row["voted_at"], "terms_version": row["terms_version"]}
             if with_client_ids:
                 record[HF_CLIENT_COLUMN[0]] = client_hash(row["voter"])
             splits[split].append(record)
@@ -279,6 +283,18 @@ def write_hf_dataset(store: Store, out: Path, license: str, since: str | None = 
             dataset_card(license, {k: (t.num_rows, t.nbytes) for k, t in tables.items()},
                          counts, since, with_client_ids), encoding="utf-8")
     return {name: len(rows) for name, rows in splits.items()}
+
+
+def terms_text(versions: Counter) -> str:
+    """Which terms the exported votes were given under (``terms_version`` -> votes)."""
+    asked = sorted((v, n) for v, n in versions.items() if v is not None)
+    lines = [f"- version `{v}`: {n} vote{'s' if n != 1 else ''}" for v, n in asked]
+    if versions.get(None):
+        n = versions[None]
+        lines.append(f"- no terms asked: {n} vote{'s' if n != 1 else ''}")
+    return ("Before anything of theirs was stored, voters accepted the operator's terms; the "
+            "column `terms_version` says which (a hash of the terms file). Votes by the "
+            "version in force when their pair was made:\n" + "\n".join(lines))
 
 
 class EmptyExport(ValueError):
@@ -332,7 +348,11 @@ window; an undone vote was deleted and is not here.
   always picked, answers not read, or votes against a clear majority in duels) and not
   cleared by an admin: left out.
 
-Voter ids are {"included, hashed" if with_client_ids else "not included"}.
+Voter ids are {"included, hashed" if with_client_ids else "not included"}. Visitors could
+download and delete their data at any time; deleted votes are not here.
+
+## Terms
+{terms_text(counts["terms_versions"])}
 
 ## Counts
 | split | rows |

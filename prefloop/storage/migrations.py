@@ -110,3 +110,21 @@ def m005_kl_probe(db: Database) -> None:
     db["adapters"].add_column("kl_per_token", float)
     db["adapters"].add_column("kl_per_answer", float)
     db["rounds"].add_column("kl", str)  # JSON: the probe's report (or {"error": ...})
+
+
+@migrations()
+def m006_consent(db: Database) -> None:
+    # The version (a hash) of the terms each client accepted; nothing of a client is stored
+    # before this row when the server asks for consent (app/privacy.py). One row per client:
+    # accepting new terms replaces it.
+    db["consents"].create({"client_id": str, "terms_version": str, "accepted_at": str},
+                          pk="client_id", not_null={"terms_version", "accepted_at"})
+    # The terms the asking client had accepted when the pair was made (NULL: none asked).
+    db["pairs"].add_column("terms_version", str)
+
+
+@migrations()
+def m007_withheld(db: Database) -> None:
+    # Why moderation withheld an answer of the pair (NULL: both shown). A withheld answer's
+    # text is not stored, and such a pair can never be voted on, so it never trains.
+    db["pairs"].add_column("withheld", str)

@@ -25,6 +25,7 @@ from prefloop.storage.migrations import migrations
 
 ROUND_STATUSES = ("running", "succeeded", "failed", "skipped")
 UNDONE_KEY = "votes_undone."  # loop_state keys counting undone votes, + the choice
+DELETED_KEY = "deleted."  # loop_state keys counting what deleted clients' data held, + what
 FLAGGED = "select client_id from client_flags where cleared_at is null"
 """Clients whose votes are held back (loop/voters.py) until an admin clears them."""
 COUNTED = f"(v.client_id is null or v.client_id not in ({FLAGGED}))"
@@ -75,6 +76,9 @@ class Store:
         # FULL: a commit is fsynced before it returns, so an acknowledged vote survives a
         # power cut as well as a crash of the process.
         self.db.execute("PRAGMA synchronous = FULL")
+        # Deleted rows are overwritten with zeros, not left in free space: an undone vote or
+        # a visitor's deleted data is gone from the file, not just unlinked.
+        self.db.execute("PRAGMA secure_delete = ON")
         self._lock = threading.RLock()  # the write connection: one transaction at a time
         self._in_write = threading.local()  # .active: this thread is inside _write
         self._pool_lock = threading.Lock()
@@ -196,11 +200,13 @@ class Store:
             return [dict(row) for row in rows]
 
     def open_pair(self, conversation_id: str) -> str | None:
-        """The id of the conversation's pair that has no vote yet, if any."""
+        """The id of the conversation's pair that awaits a vote, if any (a pair withheld by
+        moderation awaits none)."""
         with self._read() as db:
             rows = list(db.query(
                 "select p.id from pairs p left join votes v on v.pair_id = p.id "
-                "where p.conversation_id = ? and v.pair_id is null", [conversation_id]))
+                "where p.conversation_id = ? and v.pair_id is null and p.withheld is null",
+                [conversation_id]))
         return rows[0]["id"] if rows else None
 
     # -- pairs ----------------------------------------------------------------------------
@@ -208,8 +214,11 @@ class Store:
     def add_pair(self, conversation_id: str, context: list[dict[str, str]], a: Answer,
                  b: Answer, *, kind: str = PairKind.SAMPLE, dropped_messages: int = 0,
                  sampling: dict[str, Any] | None = None, first_token_ms: float | None = None,
-                 total_ms: float | None = None) -> str:
-        """Store two answers to ``context`` (whose last message is the user's new turn)."""
+                 total_ms: float | None = None, terms_version: str | None = None,
+                 withheld: str | None = None) -> str:
+        """Store two answers to ``context`` (whose last message is the user's new turn);
+        ``terms_version``: the terms the asking client accepted, if any were asked;
+        ``withheld``: why moderation withheld an answer (then the pair takes no vote)."""
         assert context and context[-1]["role"] == "user", "context must end with a user turn"
         pair_id = new_id()
         with self._write():
@@ -227,7 +236,8 @@ class Store:
                 "finish_a": a.finish_reason, "finish_b": b.finish_reason,
                 "tokens_a": a.tokens, "tokens_b": b.tokens, "seed_a": a.seed, "seed_b": b.seed,
                 "sampling": json.dumps(sampling or {}), "first_token_ms": first_token_ms,
-                "total_ms": total_ms, "created_at": now()})
+                "total_ms": total_ms, "terms_version": terms_version, "withheld": withheld,
+                "created_at": now()})
         return pair_id
 
     def pair(self, pair_id: str) -> dict[str, Any]:
@@ -262,6 +272,9 @@ class Store:
             raise ValueError("a written answer comes with choice 'written', and only then")
         if isinstance(pair, str):
             pair = self.pair(pair)
+        if pair.get("withheld"):
+            raise Conflict(f"pair {pair['id']} cannot be voted on: moderation withheld "
+                           f"{pair['withheld']}")
         conversation_id = pair["conversation_id"]
         kept = {"a": pair["text_a"], "b": pair["text_b"], "written": answer}.get(
             choice, pair["text_a"])
@@ -426,6 +439,12 @@ class Store:
                 "(select max(cleared_at) from client_flags) "
                 "from pairs p join votes v on v.pair_id = p.id where p.kind = 'duel'").fetchone())
 
+    def count_withheld(self) -> int:
+        """Pairs stored with an answer moderation withheld."""
+        with self._read() as db:
+            return db.execute("select count(*) from pairs where withheld is not null"
+                              ).fetchone()[0]
+
     def votes_by_choice(self) -> dict[str, int]:
         with self._read() as db:
             counts = dict(db.execute(
@@ -453,6 +472,122 @@ class Store:
                 "select substr(created_at, 1, 13) as hour, count(*) as votes from votes "
                 "group by hour order by hour desc limit ?", [hours])
             return sorted((dict(r) for r in rows), key=lambda r: r["hour"])
+
+    # -- consent --------------------------------------------------------------------------
+
+    def accept_terms(self, client_id: str, version: str) -> str:
+        """Record that the client accepted the terms of ``version`` (replacing an earlier
+        acceptance); returns the time stamp."""
+        stamp = now()
+        with self._write():
+            self.db.execute("insert into consents (client_id, terms_version, accepted_at) "
+                            "values (?, ?, ?) on conflict (client_id) do update set "
+                            "terms_version = excluded.terms_version, "
+                            "accepted_at = excluded.accepted_at", [client_id, version, stamp])
+        return stamp
+
+    def consent(self, client_id: str) -> dict[str, Any] | None:
+        """The client's acceptance (``terms_version``, ``accepted_at``), None if none."""
+        with self._read() as db:
+            rows = _dicts(db.execute("select terms_version, accepted_at from consents "
+                                     "where client_id = ?", [client_id]))
+        return rows[0] if rows else None
+
+    # -- a client's own data ------------------------------------------------------------
+
+    def client_data(self, client_id: str) -> dict[str, Any]:
+        """Everything stored for a client id: its consent, its conversations (with their
+        accepted messages), the pairs in them, the votes on those pairs or cast by it, and
+        its voter flag. An unvoted duel's policies stay hidden (the vote must be blind)."""
+        with self._read() as db:
+            conversations = _dicts(db.execute(
+                "select * from conversations where client_id = ? order by created_at",
+                [client_id]))
+            messages = _dicts(db.execute(
+                "select m.conversation_id, m.position, m.role, m.content, m.pair_id, "
+                "m.created_at from messages m join conversations c on c.id = m.conversation_id "
+                "where c.client_id = ? order by m.conversation_id, m.position", [client_id]))
+            pairs = _dicts(db.execute(
+                "select p.*, exists (select 1 from votes v where v.pair_id = p.id) as voted "
+                "from pairs p join conversations c on c.id = p.conversation_id "
+                "where c.client_id = ? order by p.created_at",
+                [client_id]))
+            votes = _dicts(db.execute(
+                f"select * from votes where {_CLIENT_VOTES} order by created_at",
+                [client_id, client_id]))
+        by_conversation: dict[str, list[dict[str, Any]]] = {}
+        for message in messages:
+            by_conversation.setdefault(message.pop("conversation_id"), []).append(message)
+        for pair in pairs:
+            pair["context"] = json.loads(pair["context"])
+            pair["sampling"] = json.loads(pair["sampling"] or "{}")
+            if pair["kind"] == PairKind.DUEL and not pair["voted"]:
+                pair["policy_a"] = pair["policy_b"] = None
+            del pair["voted"]
+        return {"client_id": client_id, "consent": self.consent(client_id),
+                "conversations": [{**c, "messages": by_conversation.get(c["id"], [])}
+                                  for c in conversations],
+                "pairs": pairs, "votes": votes, "voter_flag": self.client_flag(client_id)}
+
+    def delete_client_data(self, client_id: str) -> dict[str, Any]:
+        """Delete everything :meth:`client_data` shows, for good: the rows are deleted (their
+        bytes overwritten, ``secure_delete``), then the WAL is checkpointed into the file
+        and truncated, so no copy stays in it. Returns what was deleted, and ``checkpoint``:
+        False if a reader kept the WAL from being emptied (it is, at the next checkpoint).
+
+        A vote a round took stays in its adapter; the caller's docs say so."""
+        pairs_sql = ("select p.id from pairs p join conversations c on c.id = p.conversation_id "
+                     "where c.client_id = ?")
+        with self._write():
+            voted = [r[0] for r in self.db.execute(
+                f"select pair_id from votes where {_CLIENT_VOTES}", [client_id, client_id])]
+            choices = self.db.execute(
+                f"select choice, count(*) from votes where {_CLIENT_VOTES} group by choice",
+                [client_id, client_id]).fetchall()
+            # The messages its votes added (to a conversation not its own as well).
+            by_votes = self.db.conn.executemany("delete from messages where pair_id = ?",
+                                                [(pair_id,) for pair_id in voted]).rowcount
+            deleted = {
+                "votes": self.db.execute(f"delete from votes where {_CLIENT_VOTES}",
+                                         [client_id, client_id]).rowcount,
+                "messages": max(by_votes, 0) + self.db.execute(
+                    "delete from messages where conversation_id in (select id from "
+                    "conversations where client_id = ?)", [client_id]).rowcount,
+                "pairs": self.db.execute(f"delete from pairs where id in ({pairs_sql})",
+                                         [client_id]).rowcount,
+                "conversations": self.db.execute(
+                    "delete from conversations where client_id = ?", [client_id]).rowcount,
+                "consent": self.db.execute("delete from consents where client_id = ?",
+                                           [client_id]).rowcount,
+                "voter_flag": self.db.execute("delete from client_flags where client_id = ?",
+                                              [client_id]).rowcount}
+            # Counted (no more), so that /metrics' counters never go down.
+            counted = [(DELETED_KEY + "conversations", deleted["conversations"]),
+                       (DELETED_KEY + "pairs", deleted["pairs"]),
+                       *((f"{DELETED_KEY}votes.{choice}", n) for choice, n in choices)]
+            self.db.conn.executemany(
+                "insert into loop_state (key, value) values (?, ?) on conflict (key) do "
+                "update set value = cast(value as integer) + excluded.value",
+                [(key, str(n)) for key, n in counted if n])
+        if not any(deleted.values()):  # nothing to clear from the WAL: spare the checkpoint
+            return {**deleted, "checkpoint": True}
+        return {**deleted, "checkpoint": self.checkpoint()}
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate it to nothing; False when a
+        reader held it past the busy timeout (an in-memory database: True)."""
+        if self.path is None:
+            return True
+        with self._lock:
+            busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0
+
+    def deleted_counts(self) -> dict[str, int]:
+        """What deleted clients' data held, counted at deletion: conversations, pairs, and
+        votes by choice (``votes.a``, ...)."""
+        with self._read() as db:
+            return {k[len(DELETED_KEY):]: int(v) for k, v in db.execute(
+                "select key, value from loop_state where key like ?", [DELETED_KEY + "%"])}
 
     # -- voter flags ----------------------------------------------------------------------
 
@@ -690,6 +825,12 @@ class Store:
         """Raise if the database cannot answer a trivial query."""
         with self._read() as db:
             db.execute("select 1").fetchone()
+
+
+_CLIENT_VOTES = ("(client_id = ? or pair_id in (select p.id from pairs p join conversations c "
+                 "on c.id = p.conversation_id where c.client_id = ?))")
+"""Votes cast by a client, and votes on the pairs of its conversations (two parameters, both
+the client id)."""
 
 
 def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

@@ -168,14 +168,19 @@ def answer_token_logps(model: PreTrainedModel | PeftModel, batch: Batch) -> torc
     predict an answer token, and log-softmax is taken as ``logit[target] - logsumexp(logits)``
     on those rows only, so no (B, T, V) tensor is ever built.
     """
+    logits = answer_logits(model, batch)  # (M, V)
+    return logits.gather(-1, batch.targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def answer_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
+    """Output logits (M, V) at the M positions that predict an answer token."""
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     device = batch.input_ids.device
     hidden = causal_lm.base_model(input_ids=batch.input_ids,
                                   attention_mask=batch.attention_mask.to(device),
                                   position_ids=batch.position_ids,
                                   use_cache=False).last_hidden_state  # (B, T, C)
-    logits = output_logits(causal_lm, hidden[batch.score_rows, batch.score_cols])  # (M, V)
-    return logits.gather(-1, batch.targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return output_logits(causal_lm, hidden[batch.score_rows, batch.score_cols])
 
 
 def output_logits(causal_lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:

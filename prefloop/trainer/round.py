@@ -35,6 +35,7 @@ from prefloop.trainer.batch import (
     make_batches,
 )
 from prefloop.trainer.data import read_pairs
+from prefloop.trainer.kl import KLEstimator
 from prefloop.trainer.loss import preference_loss
 from prefloop.trainer.settings import RoundConfig
 from prefloop.trainer.tokenize import TokenizedPair, tokenize_pairs
@@ -88,12 +89,16 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     # cache: it would keep bf16 copies of the LoRA weights from before each optimizer step.
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None,
                         cache_enabled=False):
+        kl = None if not config.max_kl else KLEstimator(
+            [pairs[i] for i in (val_index + train_index)[:config.kl_pairs]], pad_id, device,
+            chunk=config.micro_batch or config.batch_size)
         ref = reference_logps(model, train_batches + val_batches, len(pairs), device,
                               progress)
         referenced = time.perf_counter()
         held_out = {"before": evaluate(model, val_batches, ref, config, device)}
         emit({"event": "eval", "when": "before", **(held_out["before"] or {})})
-        steps = train(model, train_batches, ref, config, device, rng, emit, progress)
+        steps, kl_checks = train(model, train_batches, ref, config, device, rng, emit,
+                                 progress, kl)
         held_out["after"] = evaluate(model, val_batches, ref, config, device)
         emit({"event": "eval", "when": "after", **(held_out["after"] or {})})
     trained = time.perf_counter()
@@ -109,6 +114,8 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
                    "reference": sum(b.tokens for b in train_batches + val_batches)},
         "steps": steps,
         "held_out": held_out,
+        "kl_checks": kl_checks,
+        "stopped_early": kl_checks[-1]["over"] if kl_checks else False,
         "pairs_per_s": sum(step["pairs"] for step in steps) / max(train_seconds, 1e-9),
         "seconds": {"load": loaded - start, "reference": referenced - loaded,
                     "train": train_seconds, "total": trained - start},
@@ -245,9 +252,20 @@ def evaluate(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor
 
 def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, torch.Tensor],
           config: RoundConfig, device: torch.device, rng: random.Random, emit: Event,
-          progress: bool) -> list[dict[str, Any]]:
-    """AdamW over ``config.epochs`` passes; one optimizer step per ``grad_accum`` batches."""
+          progress: bool, kl: KLEstimator | None = None,
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """AdamW over ``config.epochs`` passes; one optimizer step per ``grad_accum`` batches.
+
+    With ``kl``, the KL from the base is checked before the first step, every
+    ``kl_check_steps`` steps and after the last: once it is over ``max_kl`` training stops
+    and the weights of the last check under it come back (those it started from, if none
+    was). Returns the steps taken and the checks.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    checks: list[dict[str, Any]] = []
+    kept = _kl_check(model, kl, config, 0, checks, emit)
+    if checks and checks[-1]["over"]:  # it starts over the budget: nothing to spend
+        return [], checks
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(batches) / config.grad_accum)
     total = per_epoch * config.epochs
@@ -270,8 +288,39 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
             emit({"event": "step", **step})
             bar.set_postfix(loss=f"{step['loss']:.4f}", acc=f"{step['accuracy']:.2f}")
             bar.update()
+            if kl and (len(steps) % config.kl_check_steps == 0 or len(steps) == total):
+                kept = _kl_check(model, kl, config, len(steps), checks, emit, kept)
+                if checks[-1]["over"]:
+                    bar.close()
+                    return steps, checks
+                model.train()
     bar.close()
-    return steps
+    return steps, checks
+
+
+def _kl_check(model: PeftModel, kl: KLEstimator | None, config: RoundConfig, step: int,
+              checks: list[dict[str, Any]], emit: Event,
+              kept: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """Measure the KL after ``step`` steps and record it. Under ``max_kl``: return a copy of
+    the trainable weights (the ones to come back to). Over it: put ``kept`` back."""
+    if kl is None:
+        return None
+    start = time.perf_counter()
+    check = kl.measure(model)
+    over = check.per_token > config.max_kl
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if over and kept is not None:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(kept[name])
+    record = {"step": step, **check.as_dict(), "over": over,
+              "kept_step": (checks[-1]["step"] if checks else None) if over else step,
+              "seconds": time.perf_counter() - start}
+    checks.append(record)
+    emit({"event": "kl_check", **record})
+    if over:
+        return kept
+    return {name: p.detach().clone() for name, p in trainable.items()}
 
 
 def _optimizer_step(model: PeftModel, params: list[torch.nn.Parameter],

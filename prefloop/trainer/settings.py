@@ -58,11 +58,11 @@ class RoundConfig:
     model: Path = knob(_REQUIRED, "Base model, a local Hugging Face folder.")
     init_adapter: Path | None = knob(None, "Continue training this adapter instead of a new one.")
     loss: str = knob("sigmoid", "Preference loss.", choices=LOSSES)
-    beta: float = knob(0.1, "Strength of the pull towards the reference model.")
+    beta: float = knob(0.05, "Strength of the pull towards the reference model.")
     label_smoothing: float = knob(0.0, "Assumed share of flipped labels (cdpo, robust).")
-    lr: float = knob(1e-4, "Peak learning rate.")
+    lr: float = knob(5e-4, "Peak learning rate.")
     epochs: int = knob(1, "Passes over the pairs.")
-    batch_size: int = knob(8, "Pairs per batch (2x that many sequences); an optimizer step "
+    batch_size: int = knob(4, "Pairs per batch (2x that many sequences); an optimizer step "
                               "takes --grad-accum batches.")
     grad_accum: int = knob(1, "Batches per optimizer step.")
     # A batch goes through in chunks of this many pairs, its gradients summed, so the
@@ -75,8 +75,8 @@ class RoundConfig:
     precision: str = knob("auto", "auto: bf16 on a GPU that has it, else fp32 (bf16 on CPU: "
                                   "autocast).", choices=PRECISIONS)
     max_length: int = knob(512, "Most tokens per sequence (prompt + answer).")
-    lora_r: int = knob(16, "LoRA rank.")
-    lora_alpha: int = knob(32, "LoRA scale numerator (scale = alpha / r).")
+    lora_r: int = knob(8, "LoRA rank.")
+    lora_alpha: int = knob(16, "LoRA scale numerator (scale = alpha / r).")
     lora_dropout: float = knob(0.05, "Dropout on the LoRA input.")
     target_modules: tuple[str, ...] = knob(DEFAULT_TARGET_MODULES, "Comma-separated module "
                                            "names LoRA wraps, or 'all-linear'.")
@@ -85,6 +85,14 @@ class RoundConfig:
     seed: int = knob(0, "Seed for the split, batch order, LoRA init and dropout.")
     warmup_ratio: float = knob(0.1, "Share of steps over which the learning rate ramps up.")
     max_grad_norm: float = knob(1.0, "Gradients are clipped to this norm.")
+    # The round's own KL check (prefloop.trainer.kl): the loop sets max_kl to a share of its
+    # budget, so its probe, on other samples, finds the adapter under the budget.
+    max_kl: float = knob(0.0, "Stop training before the policy's KL from the base model "
+                              "passes this many nats per answer token, keeping the last "
+                              "weights under it (0: no check).")
+    kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl).")
+    kl_pairs: int = knob(8, "Pairs whose answers each KL check scores (held-out ones "
+                            "first).")
     skip_invalid: bool = knob(False, "Skip and count bad lines instead of failing.")
     # Where a busy vLLM server shares the cores, fewer threads than cores avoids threads
     # spinning while they wait for each other: measured here, 2 threads beside busy vLLM on
@@ -113,6 +121,9 @@ class RoundConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1) (try 0.1)"),
             (self.max_grad_norm > 0, "max_grad_norm must be > 0 (try 1.0)"),
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
+            (self.max_kl >= 0, "max_kl must be >= 0 (0: no KL check; try 0.15)"),
+            (self.kl_check_steps >= 1, "kl_check_steps must be at least 1"),
+            (self.kl_pairs >= 1, "kl_pairs must be at least 1 (try 16)"),
         ]
         for ok, message in checks:
             if not ok:

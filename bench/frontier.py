@@ -1,0 +1,119 @@
+"""The reward-KL frontier of every training recipe tried, as in Figure 2 of the DPO paper.
+
+Reads the measures ``bench/simulate.py --label NAME`` keeps under bench/results/ (one file
+per oracle, recipe and seed), and for each oracle draws the held-out win-rate against base
+over KL(champion ‖ base) in nats per token: one curve per recipe, a point per round (the
+mean over its seeds), the product's defaults (label ``defaults``) drawn thick and starred.
+Writes docs/sim/frontier-<oracle>.png and a table of the final rounds into
+docs/BENCHMARKS.md.
+
+    .venv/bin/python bench/frontier.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import write_section  # noqa: E402
+from bench.simulate import MAX_KL_PER_TOKEN, RESULTS, ROOT, TARGETS  # noqa: E402
+
+DEFAULTS = "defaults"
+
+
+def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
+    """oracle -> recipe label -> the runs (one per seed), from bench/results/*/seed*.json."""
+    runs: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(results.glob("*/seed*.json")):
+        run = json.loads(path.read_text())
+        if run["label"]:
+            runs[run["oracle"]][run["label"]].append(run)
+    return runs
+
+
+def curve(runs: list[dict]) -> list[tuple[float, float]]:
+    """(KL per token, win-rate) per round, each the mean over the runs that have it."""
+    rounds = min(len(r["points"]) for r in runs)
+    out = []
+    for k in range(rounds):
+        points = [r["points"][k] for r in runs]
+        kls = [p.get("kl_per_token") or 0.0 for p in points]
+        rates = [p["winrate_vs_base"] for p in points if p["winrate_vs_base"] is not None]
+        if rates:
+            out.append((statistics.fmean(kls), statistics.fmean(rates)))
+    return out
+
+
+def plot(oracle: str, recipes: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, runs in sorted(recipes.items(), key=lambda item: item[0] == DEFAULTS):
+        xs, ys = zip(*curve(runs), strict=True)
+        chosen = label == DEFAULTS
+        ax.plot(xs, ys, "*-" if chosen else "o-", lw=2.5 if chosen else 1, ms=10 if chosen else 4,
+                label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    ax.axvline(MAX_KL_PER_TOKEN, color="grey", ls="--", lw=0.8)
+    if TARGETS.get(oracle):
+        ax.axhline(TARGETS[oracle], color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("KL(champion ‖ base), nats per token")
+    ax.set_ylabel("held-out win-rate vs base")
+    ax.set_title(f"{oracle}: a point per round, mean over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def table(runs_by_oracle: dict[str, dict[str, list[dict]]]) -> str:
+    lines = ["| oracle | recipe | seeds | final win-rate (mean; each seed) | final KL nats/token "
+             "| fluency champion / base | minutes | flags |", "|---|---|---|---|---|---|---|---|"]
+    for oracle, recipes in sorted(runs_by_oracle.items()):
+        for label, runs in sorted(recipes.items()):
+            finals = [r["points"][-1] for r in runs]
+            rates = [f["winrate_vs_base"] or 0.0 for f in finals]
+            kls = [f.get("kl_per_token") or 0.0 for f in finals]
+            fluency = [f.get("fluency_champion") for f in finals]
+            base = runs[0]["points"][0].get("fluency_base")
+            flu = (f"{statistics.fmean(fluency):.2f} / {base:.2f}"
+                   if None not in fluency and base is not None else "–")
+            lines.append(
+                f"| {oracle} | {'**' + label + '**' if label == DEFAULTS else label} "
+                f"| {' '.join(str(r['seed']) for r in runs)} "
+                f"| {statistics.fmean(rates):.2f}; {', '.join(f'{x:.2f}' for x in rates)} "
+                f"| {statistics.fmean(kls):.3f} | {flu} "
+                f"| {', '.join(str(r['minutes']) for r in runs)} "
+                f"| `{' '.join(runs[0]['flags'])}` |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    runs = load()
+    if not runs:
+        sys.exit(f"no labelled runs under {RESULTS}: run bench/simulate.py --label NAME first")
+    figures = []
+    for oracle, recipes in sorted(runs.items()):
+        out = ROOT / "docs" / "sim" / f"frontier-{oracle}.png"
+        plot(oracle, recipes, out)
+        figures.append(f"![{oracle} frontier](sim/{out.name})")
+    body = ("## The reward-KL frontier of the recipes tried (issue 14)\n\n"
+            "Each curve is a training recipe, each point a round (mean over its seeds): the "
+            "held-out win-rate against base over KL(champion ‖ base) per token; the dashed "
+            f"line is the budget ({MAX_KL_PER_TOKEN} nats per token), the dotted one the "
+            "win-rate target. Fluency: mean log-prob per token under base of the final "
+            "champion's held-out answers, beside base's own answers (closer is more "
+            "base-like).\n\n" + " ".join(figures) + "\n\n" + table(runs))
+    print(body)
+    write_section("frontier", body)
+
+
+if __name__ == "__main__":
+    main()

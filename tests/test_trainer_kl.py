@@ -1,0 +1,120 @@
+"""The round's own KL check: the estimate, the early stop, and the weights it keeps.
+
+A tiny random Llama with the embedded tokenizer (tests/test_trainer_round.py's): seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from prefloop.trainer.cli import train_command
+from prefloop.trainer.kl import KLEstimator
+from prefloop.trainer.round import load_policy, run_round
+from prefloop.trainer.tokenize import TokenizedPair
+from tests.test_trainer_round import _config, _write_pairs, tiny_model  # noqa: F401
+
+PAIRS = [TokenizedPair([5, 6, 7, 8, 9], 2, [5, 6, 7, 10], 3),
+         TokenizedPair([11, 12, 13], 1, [11, 12, 14, 15, 16, 17], 2),
+         TokenizedPair([20, 21, 22, 23], 2, [20, 21, 24], 2)]
+
+
+def test_the_estimate_is_the_mean_token_kl_over_the_answers(tiny_model: Path,  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    policy = load_policy(_config(tmp_path, tiny_model), torch.device("cpu"), torch.float32)
+    estimator = KLEstimator(PAIRS, pad_id=2, device=torch.device("cpu"), chunk=2)
+    assert estimator.measure(policy).per_token == 0.0  # a new adapter changes nothing yet
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    check = estimator.measure(policy)
+    # The plain way: every answer position, the full distributions under both.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for pair in PAIRS:
+            for ids, start in ((pair.chosen_ids, pair.chosen_start),
+                               (pair.rejected_ids, pair.rejected_start)):
+                p = policy(torch.tensor([ids])).logits[0, start - 1:len(ids) - 1].log_softmax(-1)
+                q = base(torch.tensor([ids])).logits[0, start - 1:len(ids) - 1].log_softmax(-1)
+                total += (p.exp() * (p - q)).sum().item()
+                tokens += len(ids) - start
+    assert check.tokens == tokens and check.answers == 6
+    assert check.per_token == pytest.approx(total / tokens, rel=1e-4)
+    assert check.per_answer == pytest.approx(total / 6, rel=1e-4)
+    assert check.per_token > 0
+
+
+def _kl_of(adapter: Path, model: Path, pairs: list[TokenizedPair]) -> float:
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(adapter))
+    return KLEstimator(pairs, pad_id=2, device=torch.device("cpu")).measure(policy).per_token
+
+
+def test_a_round_stops_before_the_budget_and_keeps_weights_under_it(
+        tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    free = run_round(_config(tmp_path / "free", tiny_model, n_pairs=16, lr=3e-2, epochs=4,
+                             warmup_ratio=0.0), progress=False)
+    assert free["kl_checks"] == [] and free["stopped_early"] is False
+    budget = 0.009  # the tiny model: about 0.006 nats/token after a step, 0.011 after two
+    config = _config(tmp_path / "kept", tiny_model, n_pairs=16, lr=3e-2, epochs=4,
+                     warmup_ratio=0.0, max_kl=budget, kl_check_steps=1, kl_pairs=4)
+    events: list[dict] = []
+    metrics = run_round(config, on_event=events.append, progress=False)
+    checks = metrics["kl_checks"]
+    assert metrics["stopped_early"] is True
+    assert checks[0]["step"] == 0 and checks[0]["kl_per_token"] == 0.0
+    assert [c["over"] for c in checks] == [False] * (len(checks) - 1) + [True]
+    assert all(c["kl_per_token"] <= budget for c in checks[:-1])
+    assert checks[-1]["kl_per_token"] > budget
+    assert checks[-1]["kept_step"] == checks[-2]["step"]
+    assert len(metrics["steps"]) == checks[-1]["step"] < len(free["steps"])
+    assert [e for e in events if e["event"] == "kl_check"] == [
+        {"event": "kl_check", **c} for c in checks]
+    # The saved adapter is the one of the last check under the budget, not the last step's.
+    from transformers import AutoTokenizer
+
+    from prefloop.trainer.round import _load_pairs  # the round's own tokenisation
+    pairs, _ = _load_pairs(config, AutoTokenizer.from_pretrained(tiny_model))
+    saved = _kl_of(config.out, tiny_model, pairs)
+    assert saved <= budget + 1e-6
+    assert _kl_of(tmp_path / "free" / "adapters" / "v0001", tiny_model, pairs) > budget
+
+
+def test_a_round_that_starts_over_the_budget_takes_no_step(tiny_model: Path,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    first = _config(tmp_path / "a", tiny_model, n_pairs=8, lr=3e-2, epochs=3, warmup_ratio=0.0)
+    run_round(first, progress=False)
+    config = _config(tmp_path / "b", tiny_model, n_pairs=8, init_adapter=first.out,
+                     max_kl=1e-6, kl_check_steps=1)
+    metrics = run_round(config, progress=False)
+    assert metrics["steps"] == [] and metrics["stopped_early"] is True
+    assert [c["step"] for c in metrics["kl_checks"]] == [0]
+    assert metrics["kl_checks"][0]["kept_step"] is None  # nothing under the budget was seen
+    assert (config.out / "adapter_model.safetensors").is_file()
+
+
+def test_kl_options_on_the_command_line(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    pairs = _write_pairs(tmp_path / "p.jsonl", 6)
+    base = ["--pairs", str(pairs), "--out", str(tmp_path / "out"), "--model", str(tiny_model)]
+    runner = CliRunner()
+    for flag, value, message in (("--max-kl", "-0.1", "max_kl must be >= 0"),
+                                 ("--kl-check-steps", "0", "kl_check_steps must be at least 1"),
+                                 ("--kl-pairs", "0", "kl_pairs must be at least 1"),
+                                 ("--max-kl", "lots", "'lots' is not a valid float")):
+        result = runner.invoke(train_command, [*base, flag, value])
+        assert result.exit_code != 0 and message in result.output, result.output
+    result = runner.invoke(train_command, [*base, "--batch-size", "2", "--max-kl", "5",
+                                           "--kl-check-steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert events.count("kl_check") == 1 + events.count("step")
+    assert not math.isnan(json.loads((tmp_path / "out" / "metrics.json").read_text())
+                          ["kl_checks"][-1]["kl_per_token"])
