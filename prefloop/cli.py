@@ -33,7 +33,8 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(config: Path | None, **kwargs: Any) -> Any:
         names = {f.name for f in setting_fields()}
-        overrides = {k: v for k, v in kwargs.items() if k in names}
+        # A repeatable flag not given comes as (): not given, like None for the others.
+        overrides = {k: v if v != () else None for k, v in kwargs.items() if k in names}
         rest = {k: v for k, v in kwargs.items() if k not in names}
         try:
             settings = load_settings(config, overrides=overrides)
@@ -43,7 +44,9 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     for f in reversed(setting_fields()):
         flag = "--" + f.name.replace("_", "-")
+        repeated = str(f.type).startswith("tuple[")  # a list setting: the flag repeats
         wrapper = click.option(flag, f.name, default=None, type=str, metavar="VALUE",
+                               multiple=repeated,
                                help=f"{f.metadata['help']} [env: {env_name(f.name)}]")(wrapper)
     return click.option("--config", type=click.Path(path_type=Path), default=None,
                         help="TOML settings file (default: ./prefloop.toml if present).")(wrapper)
@@ -120,6 +123,12 @@ def status(settings: Settings, as_json: bool) -> None:
         info["server"] = {"running": True, "health": response.json()}
     except (httpx.HTTPError, httpx.InvalidURL, ValueError):
         info["server"] = {"running": False}
+    else:  # each vLLM replica: up or down, its adapters, requests in flight
+        try:
+            stats = httpx.get(f"http://{host}:{settings.port}/api/v1/stats", timeout=3)
+            info["server"]["replicas"] = stats.json()["loop"]["replicas"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass  # an older server, or one without the loop
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

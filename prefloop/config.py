@@ -65,13 +65,23 @@ class Settings:
                               factory=_default_data_dir)
     host: str = _setting("127.0.0.1", "Address the page and API listen on (loopback by default).")
     port: int = _setting(7860, "Port of the page and API.", lo=1, hi=65535)
-    vllm_url: str | None = _setting(None, "Use this running OpenAI-compatible vLLM server "
-                                          "instead of starting one (e.g. http://127.0.0.1:8000).")
-    vllm_api_key: str | None = _setting(None, "API key for --vllm-url.")
-    vllm_port: int = _setting(0, "Loopback port for the vLLM server prefloop starts (0: any free).",
+    vllm_url: tuple[str, ...] = _setting(
+        (), "Use this running OpenAI-compatible vLLM server (e.g. http://127.0.0.1:8000); "
+            "repeat the flag (a list in TOML, commas in the environment) for several "
+            "replicas. With a URL, prefloop starts no vLLM of its own unless vllm_replicas "
+            "says so.")
+    vllm_api_key: tuple[str, ...] = _setting(
+        (), "API key for --vllm-url: one for every URL, or one per URL in the same order.")
+    vllm_replicas: int | None = _setting(
+        None, "vLLM replicas prefloop starts and supervises, beside any --vllm-url "
+              "(none: 1, or 0 with --vllm-url). On a CPU they split its cores; on a GPU "
+              "machine replica i gets GPU i.", lo=0, hi=64)
+    vllm_port: int = _setting(0, "Loopback port for the vLLM server prefloop starts (0: any free; "
+                                 "with several replicas the first of consecutive ports).",
                               lo=0, hi=65535)
     vllm_memory_fraction: float = _setting(0.3, "Fraction of (GPU or, on CPU, host) memory vLLM "
-                                                "may reserve.", lo=0.01, hi=0.99)
+                                                "may reserve (on CPU shared by the local "
+                                                "replicas).", lo=0.01, hi=0.99)
     vllm_start_timeout: float = _setting(600.0, "Seconds to wait for vLLM to become healthy.",
                                          lo=1, hi=7200)
     max_model_len: int = _setting(2048, "Context window in tokens (prompt + answer).",
@@ -214,9 +224,25 @@ class Settings:
                               "(e.g. cc-by-4.0, apache-2.0, other, unknown), got "
                               f"{self.dataset_license!r}")
         _check_moderation(self)
+        _check_replicas(self)
         if self.max_kl > 0 and self.kl_probe_prompts == 0:
             raise ConfigError(f"max_kl ({self.max_kl:g}) needs the KL probe: set "
                               "kl_probe_prompts above 0, or max_kl = 0 for no KL budget")
+
+    @property
+    def local_replicas(self) -> int:
+        """vLLM replicas prefloop starts: ``vllm_replicas``, else 1 without a URL, else 0."""
+        if self.vllm_replicas is not None:
+            return self.vllm_replicas
+        return 0 if self.vllm_url else 1
+
+    @property
+    def external_vllms(self) -> list[tuple[str, str]]:
+        """(URL, API key) of each ``vllm_url`` ("none" where no key is given)."""
+        keys = self.vllm_api_key or ("none",)
+        if len(keys) == 1:
+            keys = keys * len(self.vllm_url)
+        return list(zip(self.vllm_url, keys, strict=True))
 
     @property
     def db_path(self) -> Path:
@@ -266,6 +292,28 @@ def _check_moderation(settings: Settings) -> None:
             raise ConfigError(f"{key} applies to a moderation URL only, and moderation is "
                               f"{settings.moderation!r}")
 
+def _check_replicas(settings: Settings) -> None:
+    urls, keys = settings.vllm_url, settings.vllm_api_key
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname \
+                or parts.path.rstrip("/") or parts.query:
+            raise ConfigError("vllm_url: the address of a vLLM OpenAI server without a path "
+                              f"(e.g. http://127.0.0.1:8000), got {url!r}")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"vllm_url: each server once, got {list(urls)}")
+    if urls and len(keys) not in (0, 1, len(urls)):
+        raise ConfigError(f"vllm_api_key: {len(keys)} keys for {len(urls)} URLs; give one key "
+                          "for every URL, or one per URL in the same order")
+    if settings.local_replicas == 0 and not urls:
+        raise ConfigError("vllm_replicas = 0 and no vllm_url: there is no vLLM to answer; "
+                          "start at least one replica or give a --vllm-url")
+    last_port = settings.vllm_port + settings.local_replicas - 1
+    if settings.vllm_port and last_port > 65535:
+        raise ConfigError(f"vllm_port {settings.vllm_port}: {settings.local_replicas} "
+                          f"replicas need ports up to {last_port}, above 65535")
+
+
 REMOVED = {
     "promote_min_votes": "the promotion test has no minimum: set max_duel_votes (the most "
                          "duel votes to spend) and promote_false_rate",
@@ -298,11 +346,13 @@ def env_name(key: str) -> str:
 
 
 def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
-    """The field's Python type and whether it may be None."""
+    """The field's Python type (``tuple`` for a list of strings) and whether it may be
+    None."""
     annotation = str(f.type)
     optional = "None" in annotation
     name = annotation.replace("| None", "").strip()
-    return {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}[name], optional
+    return {"str": str, "int": int, "float": float, "bool": bool, "Path": Path,
+            "tuple[str, ...]": tuple}[name], optional
 
 
 def _describe(f: dataclasses.Field) -> str:
@@ -315,6 +365,7 @@ def _describe(f: dataclasses.Field) -> str:
         text = f"{kind} from {meta['lo']:g} to {meta['hi']:g}"
     else:
         names = {str: "a string", bool: "true or false",
+                 tuple: "a string or a list of strings (or empty for none)",
                  Path: "a file path" if f.name.endswith("_file") else "a folder path"}
         text = names.get(typ, typ.__name__)
     return text + (" (or empty for none)" if optional else "")
@@ -325,6 +376,8 @@ def _check_value(f: dataclasses.Field, value: Any, where: str) -> None:
     if value is None and optional:
         return
     ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if ok and typ is tuple:
+        ok = all(isinstance(item, str) and item.strip() for item in value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if ok and typ in (int, float):
@@ -347,6 +400,8 @@ def _parse_text(f: dataclasses.Field, text: str, where: str) -> Any:
             if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(text)
             value: Any = lowered in ("1", "true", "yes", "on")
+        elif typ is tuple:  # the environment's form of a list: comma-separated
+            value = tuple(item.strip() for item in text.split(",")) if text.strip() else ()
         elif typ is Path:
             if not text.strip():  # Path("") is the current folder: never what was meant
                 raise ValueError(text)
@@ -365,6 +420,10 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     typ, optional = _base_type(f)
     if optional and value == "":  # TOML has no null: "" means none, as in the environment
         return None
+    if typ is tuple and isinstance(value, str):  # one item, or "" for none
+        value = (value,) if value else ()
+    elif typ is tuple and isinstance(value, list):
+        value = tuple(value)
     if typ is Path and isinstance(value, str) and value.strip():
         value = Path(value).expanduser()
     elif typ is float and isinstance(value, int) and not isinstance(value, bool):

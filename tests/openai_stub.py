@@ -1,16 +1,30 @@
 """A stand-in OpenAI-compatible server for quick tests (a fake at the process boundary only):
 streamed chat completions with fixed answers, and ``/v1/moderations`` flagging the inputs
 that contain given words. The real sampler and the real moderation client talk to it over
-HTTP; the real vLLM is in the slow tests."""
+HTTP; the real vLLM is in the slow tests.
+
+As a vLLM replica it answers like vLLM 0.32's OpenAI server (read from its source,
+``entrypoints/openai/models/serving.py``): ``GET /v1/models`` lists ``base`` and each LoRA
+adapter with its path as ``root``; ``POST /v1/load_lora_adapter`` is 200 with a text body,
+400 for a name already loaded, 404 for a folder that does not exist; ``POST
+/v1/unload_lora_adapter`` is 200, or 404 for an unknown name; a chat completion for a model
+it does not serve is 404. :meth:`StubServer.kill` ends it as SIGKILL ends vLLM: streams cut
+off (connection reset), new connections refused; a new ``stub_server(port=...)`` is the same
+replica restarted, with no adapters.
+"""
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 HOLD_LIMIT_S = 600.0  # a held stream goes on after this, so a failing test cannot hang it
@@ -19,8 +33,8 @@ HOLD_LIMIT_S = 600.0  # a held stream goes on after this, so a failing test cann
 class StubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), StubHandler)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), StubHandler)
         # Answer i of a request seeded s is answers[(s + i) % 2]: with n=2 and seed 0, answer
         # A is answers[0] and B answers[1]; a duel's two requests (s, s + 1) agree with that.
         self.answers = ["Apples are red.", "Bananas are yellow."]
@@ -31,8 +45,23 @@ class StubServer(ThreadingHTTPServer):
         self.moderated: list[str] = []  # every input the moderation endpoint saw
         # A stream pauses after its `hold_after`-th chunk until `release` is set (or ten minutes
         # has passed): a test catches answer B half written, A complete (n=2 streams A first).
+        # 0: before the first chunk, so the pair has no text yet.
         self.hold_after: int | None = None
         self.release = threading.Event()
+        self.adapters: dict[str, str] = {}  # LoRA name -> path, as vLLM's /v1/models lists
+        self.refuse: set[str] = set()  # adapter names a load is refused for (400)
+        self.served: Counter[str] = Counter()  # chat completion requests per model
+        self.requests: list[dict] = []  # each chat completion request's body
+        self.dead = threading.Event()
+
+    def kill(self) -> None:
+        """Die as a SIGKILLed vLLM does: open streams are cut off, new connections refused."""
+        self.dead.set()
+        self.shutdown()
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a stream cut off by kill()
 
     @property
     def url(self) -> str:
@@ -53,15 +82,42 @@ class StubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _error(self, status: int, kind: str, message: str) -> None:
+        """vLLM's error body."""
+        self._json(status, {"error": {"message": message, "type": kind, "param": None,
+                                      "code": status}})
+
     def do_GET(self) -> None:
         self.server.hits[self.path] += 1
-        self._json(200, {}) if self.path == "/health" else self._json(404, {"error": "no"})
+        if self.path == "/health":
+            self._json(200, {})
+        elif self.path == "/v1/models":
+            cards = [{"id": "base", "object": "model", "root": "/models/stub", "parent": None}]
+            cards += [{"id": name, "object": "model", "root": path, "parent": "base"}
+                      for name, path in list(self.server.adapters.items())]
+            self._json(200, {"object": "list", "data": cards})
+        else:
+            self._json(404, {"error": "no"})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
         self.server.hits[self.path] += 1
         if self.path.endswith("/chat/completions"):
+            model = body.get("model", "base")
+            if model != "base" and model not in self.server.adapters:
+                self._error(404, "NotFoundError", f"The model `{model}` does not exist.")
+                return
+            self.server.served[model] += 1
+            self.server.requests.append(body)
             self._stream(body)
+        elif self.path == "/v1/load_lora_adapter":
+            self._load(body)
+        elif self.path == "/v1/unload_lora_adapter":
+            name = body.get("lora_name")
+            if self.server.adapters.pop(name, None) is None:
+                self._error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+            else:
+                self._text(f"Success: LoRA adapter '{name}' removed successfully.")
         elif self.path.endswith("/moderations"):
             self._moderate(body)
         elif self.path == "/tokenize":
@@ -70,12 +126,59 @@ class StubHandler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": f"no {self.path}"})
 
+    def _text(self, text: str) -> None:
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _load(self, body: dict) -> None:
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            self._error(400, "InvalidUserInput",
+                        "Both 'lora_name' and 'lora_path' must be provided.")
+        elif name == "base":
+            self._error(400, "InvalidUserInput",
+                        f"The lora adapter '{name}' conflicts with a served base model.")
+        elif name in self.server.adapters:
+            self._error(400, "InvalidUserInput",
+                        f"The lora adapter '{name}' has already been loaded. If you want to "
+                        "load the adapter in place, set 'load_inplace' to True.")
+        elif not Path(path).is_dir():
+            self._error(404, "NotFoundError", f"Loading lora {name} failed: No adapter found "
+                                              f"for {path}")
+        elif name in self.server.refuse:
+            self._error(400, "BadRequestError", f"stub refuses {name}")
+        else:
+            self.server.adapters[name] = path
+            self._text(f"Success: LoRA adapter '{name}' added successfully.")
+
+    def _wait_or_die(self) -> None:
+        """Hold the stream until released; cut it off if the server is killed meanwhile."""
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while not self.server.release.wait(0.02) and time.monotonic() < deadline:
+            if self.server.dead.is_set():
+                self._cut_off()
+        if self.server.dead.is_set():
+            self._cut_off()
+
+    def _cut_off(self) -> None:
+        """End the connection with a reset, as the kernel does for a killed process."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   struct.pack("ii", 1, 0))
+        self.connection.close()
+        raise ConnectionAbortedError("stub killed")
+
     def _stream(self, body: dict) -> None:
         n, seed = body.get("n", 1), body.get("seed", 0)
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
         sent = 0
+        if self.server.hold_after == 0:
+            self.wfile.flush()
+            self._wait_or_die()
         for i in range(n):
             text = (self.server.sides[i] if self.server.sides
                     else self.server.answers[(seed + i) % len(self.server.answers)])
@@ -88,7 +191,9 @@ class StubHandler(BaseHTTPRequestHandler):
                 sent += 1
                 if sent == self.server.hold_after:
                     self.wfile.flush()
-                    self.server.release.wait(HOLD_LIMIT_S)
+                    self._wait_or_die()
+                if self.server.dead.is_set():
+                    self._cut_off()
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _moderate(self, body: dict) -> None:
@@ -112,12 +217,13 @@ def _words(text: str) -> Iterator[tuple[str, bool]]:
 
 
 @contextmanager
-def stub_server() -> Iterator[StubServer]:
-    server = StubServer()
+def stub_server(port: int = 0) -> Iterator[StubServer]:
+    server = StubServer(port)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server
     finally:
-        server.shutdown()
-        server.server_close()
+        if not server.dead.is_set():
+            server.shutdown()
+            server.server_close()

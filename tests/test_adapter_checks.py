@@ -84,7 +84,9 @@ class FakeVLLM:
 
 def _pool(fake: FakeVLLM, base: Path) -> AdapterPool:
     pool = AdapterPool(Endpoint("http://vllm.test", "key"), base, 16)
-    pool._client = httpx.Client(base_url="http://vllm.test", transport=httpx.MockTransport(fake))
+    [replica] = pool.replicas.replicas
+    replica._http = httpx.Client(base_url="http://vllm.test",
+                                 transport=httpx.MockTransport(fake))
     return pool
 
 
@@ -94,8 +96,8 @@ def test_an_adapter_left_loaded_in_an_outside_vllm_is_loaded_afresh(adapter: Pat
     pool = _pool(fake, tmp_path / "base")
     pool.load("v0001", adapter)
     assert pool.is_ready("v0001")
-    assert fake.calls == ["/v1/load_lora_adapter", "/v1/models", "/v1/unload_lora_adapter",
-                          "/v1/load_lora_adapter"]
+    # Listed under our name but from unknown files (no root): unloaded, loaded from ours.
+    assert fake.calls == ["/v1/models", "/v1/unload_lora_adapter", "/v1/load_lora_adapter"]
 
 
 def test_a_refused_adapter_that_is_not_loaded_stays_refused(adapter: Path,
@@ -105,4 +107,4 @@ def test_a_refused_adapter_that_is_not_loaded_stays_refused(adapter: Path,
     with pytest.raises(AdapterError, match="refused prefloop-vbad"):
         pool.load("vbad", adapter)
     assert not pool.is_ready("vbad")
-    assert fake.calls == ["/v1/load_lora_adapter", "/v1/models"]
+    assert fake.calls == ["/v1/models", "/v1/load_lora_adapter", "/v1/models"]

@@ -43,7 +43,7 @@ def test_defaults_without_file_env_or_overrides(monkeypatch: pytest.MonkeyPatch,
     assert settings.model == "embedded"
     assert settings.host == "127.0.0.1"
     assert settings.port == 7860
-    assert settings.vllm_url is None
+    assert settings.vllm_url == () and settings.local_replicas == 1
     assert settings.max_tokens == 128
     assert settings.data_dir == tmp_path / "xdg" / "prefloop"
     assert settings.db_path == tmp_path / "xdg" / "prefloop" / "prefloop.db"
@@ -142,10 +142,12 @@ def test_toml_converts_only_lossless(tmp_path: Path) -> None:
 
 def test_toml_empty_string_means_none_for_optional(tmp_path: Path) -> None:
     """TOML has no null: vllm_url = "" means no URL, as PREFLOOP_VLLM_URL= does."""
-    config = write(tmp_path / "c.toml", 'vllm_url = ""\nvllm_api_key = ""\n')
+    config = write(tmp_path / "c.toml",
+                   'vllm_url = ""\nvllm_api_key = ""\nvllm_replicas = ""\n')
     settings = load_settings(config, env={})
-    assert settings.vllm_url is None
-    assert settings.vllm_api_key is None
+    assert settings.vllm_url == ()
+    assert settings.vllm_api_key == ()
+    assert settings.vllm_replicas is None
 
 
 def test_toml_unknown_key_names_it_and_the_known_ones(tmp_path: Path) -> None:
@@ -168,7 +170,9 @@ def test_toml_unknown_key_names_it_and_the_known_ones(tmp_path: Path) -> None:
     ("model = 3", "model", "a string"),
     ("data_dir = 5", "data_dir", "a folder path"),
     ('data_dir = ""', "data_dir", "a folder path"),
-    ("vllm_url = 1", "vllm_url", "a string (or empty for none)"),
+    ("vllm_url = 1", "vllm_url", "a string or a list of strings (or empty for none)"),
+    ('vllm_url = ["http://a:1", 2]', "vllm_url",
+     "a string or a list of strings (or empty for none)"),
     ("system_prompt = [1]", "system_prompt", "a string"),
 ])
 def test_toml_wrong_types_name_key_and_allowed(tmp_path: Path, line: str, key: str,
@@ -251,7 +255,7 @@ def test_env_parses_types() -> None:
     assert settings.port == 8080
     assert settings.temperature == 0.0
     assert settings.data_dir == Path.home() / "d"
-    assert settings.vllm_url is None
+    assert settings.vllm_url == ()
     assert settings.system_prompt == ""
 
 
@@ -259,7 +263,8 @@ def test_env_parses_types() -> None:
 def test_every_default_round_trips_through_its_env_variable(f: dataclasses.Field) -> None:
     """Each setting can be given in the environment, as text of its own default."""
     default = getattr(Settings(), f.name)
-    text = "" if default is None else str(default)
+    text = "" if default is None else ",".join(default) if isinstance(default, tuple) \
+        else str(default)
     settings = load_settings(env={env_name(f.name): text})
     assert getattr(settings, f.name) == default
 

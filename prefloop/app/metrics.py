@@ -8,6 +8,7 @@ the process started.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -28,10 +29,12 @@ class StoreCollector(Collector):
     """What the database, the guard and the vLLM supervisor say, at scrape time."""
 
     def __init__(self, store: Store, guard: Guard,
-                 vllm_restarts: Callable[[], int] | None,
-                 moderator: Moderator | None = None) -> None:
+                 vllm_restarts: Callable[[], int | None] | None,
+                 moderator: Moderator | None = None,
+                 replicas: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.store, self.guard, self.vllm_restarts = store, guard, vllm_restarts
         self.moderator = moderator
+        self.replicas = replicas  # each vLLM replica's state (AdapterPool.status)
 
     def collect(self) -> Iterator[Metric]:
         counts = self.store.counts()
@@ -93,6 +96,8 @@ class StoreCollector(Collector):
             yield failed
             yield GaugeMetricFamily("prefloop_pairs_withheld", "Pairs stored with an answer "
                                     "moderation withheld.", value=self.store.count_withheld())
+        if self.replicas is not None:
+            yield from replica_metrics(self.replicas())
         if self.vllm_restarts is not None:
             yield CounterMetricFamily("prefloop_vllm_restarts", "Times the supervisor "
                                       "restarted vLLM after it died (and loaded the "
@@ -100,14 +105,33 @@ class StoreCollector(Collector):
                                       value=self.vllm_restarts())
 
 
+def replica_metrics(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each vLLM replica: up or down, requests in flight, the adapters it serves."""
+    up = GaugeMetricFamily("prefloop_replica_up", "1 while a vLLM replica is in use, 0 while "
+                           "it is taken out (down, or not yet reconciled).",
+                           labels=["replica", "kind"])
+    busy = GaugeMetricFamily("prefloop_replica_requests_in_flight", "Requests streaming from "
+                             "a vLLM replica now.", labels=["replica"])
+    adapters = GaugeMetricFamily("prefloop_replica_adapter", "1 for each adapter a vLLM "
+                                 "replica serves.", labels=["replica", "policy"])
+    for row in rows:
+        up.add_metric([row["name"], row["kind"]], int(row["up"]))
+        busy.add_metric([row["name"]], row["in_flight"])
+        for policy in row["adapters"]:
+            adapters.add_metric([row["name"], policy], 1)
+    yield from (up, busy, adapters)
+
+
 class Metrics:
     """One registry per app (tests build many apps in one process)."""
 
     def __init__(self, store: Store, guard: Guard,
-                 vllm_restarts: Callable[[], int] | None = None,
-                 moderator: Moderator | None = None) -> None:
+                 vllm_restarts: Callable[[], int | None] | None = None,
+                 moderator: Moderator | None = None,
+                 replicas: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(StoreCollector(store, guard, vllm_restarts, moderator))
+        self.registry.register(StoreCollector(store, guard, vllm_restarts, moderator,
+                                              replicas))
         self.first_token = Histogram(
             "prefloop_first_token_seconds", "Time to the first token of a pair (the faster "
             "answer's: whichever side streams first).", ["kind"], buckets=LATENCY_BUCKETS,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -30,8 +32,9 @@ from prefloop.config import Settings, admin_password
 from prefloop.loop.controller import Loop
 from prefloop.serving.adapters import AdapterPool
 from prefloop.serving.models import prepare_model
+from prefloop.serving.replicas import Replica, Replicas
 from prefloop.serving.sampler import PairSampler, Sampling
-from prefloop.serving.vllm_server import Endpoint, VLLMServer
+from prefloop.serving.vllm_server import Endpoint, VLLMServer, is_cpu_build, replica_env
 from prefloop.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -78,11 +81,12 @@ def build_page(service: ChatService, admin_password: str | None = None) -> gr.Bl
 
 def create_app(settings: Settings, store: Store, sampler: PairSampler,
                loop: Loop | None = None, admin_password: str | None = None,
-               vllm_restarts: Callable[[], int] | None = None) -> FastAPI:
+               vllm_restarts: Callable[[], int | None] | None = None) -> FastAPI:
     """The whole web app over an open store and a sampler (and the loop, if it runs);
     starts nothing itself."""
     service = ChatService(settings, store, sampler, loop)
-    metrics = Metrics(store, service.guard, vllm_restarts, service.moderator)
+    metrics = Metrics(store, service.guard, vllm_restarts, service.moderator,
+                      loop.pool.status if loop is not None else None)
     service.on_pair.append(metrics.observe_pair)
     health = httpx.AsyncClient(timeout=1.5)
 
@@ -100,13 +104,18 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
             log.exception("health check: the database failed")
             return False
 
-    async def model_ok() -> bool:
+    async def answers(url: str) -> bool:
         try:
-            response = await asyncio.wait_for(
-                health.get(sampler.endpoint.url.rstrip("/") + "/health"), HEALTH_TIMEOUT_S)
+            response = await asyncio.wait_for(health.get(url.rstrip("/") + "/health"),
+                                              HEALTH_TIMEOUT_S)
             return response.status_code == 200
         except (httpx.HTTPError, TimeoutError):
             return False
+
+    async def model_ok() -> bool:
+        """True while some vLLM replica answers (pairs go to those that do)."""
+        urls = [r.endpoint.url for r in sampler.replicas.replicas]
+        return any(await asyncio.gather(*map(answers, urls)))
 
     async def checks() -> dict[str, bool]:
         db, model = await asyncio.gather(database_ok(), model_ok())
@@ -143,65 +152,90 @@ class Runtime:
     """What ``prefloop serve`` started, to stop it again in reverse order."""
 
     store: Store
-    endpoint: Endpoint
-    vllm: VLLMServer | None
+    endpoint: Endpoint  # the first replica's
+    vllm: VLLMServer | None  # the first local replica, if any
     loop: Loop
+    servers: tuple[VLLMServer, ...] = ()  # every local replica
 
     def close(self) -> None:
         """Stop in reverse order; the loop first, and its running round ends (recorded in
         the store) before the store closes."""
         self.loop.stop()
-        if self.vllm is not None:
-            self.vllm.stop()
-        self.loop.pool.close()
+        self.loop.pool.close()  # the replicas' watcher first: it would see them stop
+        for server in self.servers or ([self.vllm] if self.vllm else []):
+            server.stop()
         self.store.close()
+
+    @property
+    def replicas(self) -> Replicas:
+        return self.loop.pool.replicas
+
+    def vllm_restarts(self) -> int | None:
+        """Restarts of the local replicas, summed (None without a local one)."""
+        servers = self.servers or ((self.vllm,) if self.vllm else ())
+        return sum(s.restarts for s in servers) if servers else None
 
 
 def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
                   schedule: bool = True) -> Runtime:
-    """Open the store, start (or connect to) vLLM, then the loop (its schedule only with
-    ``schedule``; without, rounds run when asked). Call from the main thread.
+    """Open the store, start the local vLLM replicas and connect to the external ones, then
+    the loop (its schedule only with ``schedule``; without, rounds run when asked). Call
+    from the main thread.
 
-    The base model is prepared locally in both cases: the trainer needs its files.
+    The base model is prepared locally in every case: the trainer needs its files.
     """
     store = Store(settings.db_path)
-    vllm = None
+    servers: list[VLLMServer] = []
     try:
         model_path = prepare_model(settings.model, settings.models_dir, progress)
-        if settings.vllm_url:
-            endpoint = Endpoint(settings.vllm_url, settings.vllm_api_key or "none")
-            # An outside server loaded the model from its own path: do not compare paths.
-            pool = AdapterPool(endpoint, None, settings.lora_max_rank, settings.adapter_prefix)
-        else:
-            vllm = _vllm_server(settings, model_path)
-            progress(f"starting vLLM (log: {vllm.log_path})")
-            endpoint = vllm.start()
-            pool = AdapterPool(endpoint, model_path, settings.lora_max_rank,
-                               settings.adapter_prefix)
+        replicas: list[Replica] = []
+        for i in range(settings.local_replicas):
+            server = _vllm_server(settings, model_path, i)
+            servers.append(server)  # stopped below if anything fails
+            progress(f"starting vLLM (log: {server.log_path})")
+            replicas.append(Replica(f"local-{i + 1}", server.start(), server))
+        for i, (url, key) in enumerate(settings.external_vllms):
+            replicas.append(Replica(f"external-{i + 1}", Endpoint(url, key)))
+        # An outside server loaded the model from its own path: compare paths only when
+        # every replica is ours.
+        pool = AdapterPool(replicas, None if settings.vllm_url else model_path,
+                           settings.lora_max_rank, settings.adapter_prefix)
+        pool.replicas.start()
+        for replica in pool.replicas.replicas:
+            if replica.server is not None:  # vLLM forgot its adapters: reconcile, then use
+                replica.server.on_restart.append(
+                    functools.partial(pool.replicas.restarted, replica))
         loop = Loop(settings, store, pool, model_path)
-        if vllm is not None:
-            vllm.on_restart.append(loop.reload_adapters)  # vLLM forgot its adapters
         loop.start() if schedule else loop.recover()
     except BaseException:
-        if vllm is not None:
-            vllm.stop()
+        for server in servers:
+            server.stop()
         store.close()
         raise
-    return Runtime(store, endpoint, vllm, loop)
+    return Runtime(store, replicas[0].endpoint, servers[0] if servers else None, loop,
+                   tuple(servers))
 
 
-def _vllm_server(settings: Settings, model_path: Path) -> VLLMServer:
-    return VLLMServer(model_path, settings.logs_dir, port=settings.vllm_port,
-                      memory_fraction=settings.vllm_memory_fraction,
-                      max_model_len=settings.max_model_len,
+def _vllm_server(settings: Settings, model_path: Path, index: int = 0) -> VLLMServer:
+    """Local replica ``index`` (0: the vLLM a single-replica prefloop has always started)."""
+    count = settings.local_replicas
+    cpu_build = is_cpu_build()
+    env = replica_env(index, count, cpu_build=cpu_build, cpus=sorted(os.sched_getaffinity(0)),
+                      visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    # On a CPU the memory fraction is of the host's memory, which the replicas share.
+    fraction = settings.vllm_memory_fraction / (count if cpu_build else 1)
+    return VLLMServer(model_path, settings.logs_dir,
+                      port=settings.vllm_port + index if settings.vllm_port else 0,
+                      memory_fraction=fraction, max_model_len=settings.max_model_len,
                       lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots,
-                      start_timeout=settings.vllm_start_timeout, dtype=settings.serve_dtype)
+                      start_timeout=settings.vllm_start_timeout, dtype=settings.serve_dtype,
+                      name="vllm" if index == 0 else f"vllm-{index + 1}", env=env)
 
 
 def make_sampler(settings: Settings, runtime: Runtime,
                  sampling: Sampling | None = None) -> PairSampler:
     return PairSampler(
-        runtime.endpoint, max_model_len=settings.max_model_len,
+        runtime.replicas, max_model_len=settings.max_model_len,
         system_prompt=settings.system_prompt,
         sampling=sampling or Sampling(settings.temperature, settings.top_p,
                                       settings.max_tokens),
@@ -225,9 +259,9 @@ def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     runtime = start_runtime(settings, progress)
     try:
         sampler = make_sampler(settings, runtime)
-        vllm = runtime.vllm
+        restarts = runtime.vllm_restarts if runtime.servers else None
         app = create_app(settings, runtime.store, sampler, runtime.loop, admin_password(),
-                         vllm_restarts=(lambda: vllm.restarts) if vllm is not None else None)
+                         vllm_restarts=restarts)
         # Everything built so far (the imports, the page) lives as long as the process: keep
         # it out of the garbage collector's full passes, which otherwise walk it all and
         # held the event loop for up to 0.9 s under load (bench/load.py).

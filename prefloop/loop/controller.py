@@ -73,7 +73,7 @@ class Loop:
         self._scheduler: BackgroundScheduler | None = None
         self.reports = Reports(self)  # the read side: leaderboard, stats, status
         self.kl_probe = None if settings.kl_probe_prompts == 0 else KLProbe(
-            pool.endpoint, prompts=settings.kl_probe_prompts, max_tokens=settings.max_tokens,
+            pool.endpoint_for, prompts=settings.kl_probe_prompts, max_tokens=settings.max_tokens,
             system_prompt=settings.system_prompt, model_name=pool.served_name)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -88,8 +88,9 @@ class Loop:
         self.reload_adapters()
 
     def reload_adapters(self) -> None:
-        """Load the champion and the candidate into vLLM (at start, after a vLLM restart).
-        A champion that no longer loads gives way to ``base``; a candidate is rejected."""
+        """Load the champion and the candidate into every vLLM replica, and nothing else of
+        ours (at start; a replica that restarts later is reconciled to the same set). A
+        champion that no longer loads gives way to ``base``; a candidate is rejected."""
         self.pool.reload({})
         champion, candidate = self.store.champion(), self.store.candidate()
         if champion != BASE:

@@ -92,6 +92,7 @@ class Reports:
         return {"state": "training" if running else "paused" if loop.paused else "running",
                 "champion": store.champion(), "candidate": store.candidate(),
                 "round": running, "loaded": sorted(loop.pool.loaded),
+                "replicas": loop.pool.status(),
                 "new_trainable_votes": store.count_trainable(store.last_trained_vote()),
                 "min_new_pairs": s.min_new_pairs,
                 "train_every_minutes": s.train_every,

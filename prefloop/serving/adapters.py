@@ -1,10 +1,12 @@
-"""Adapters in the running vLLM server: check a folder, load it, unload what nothing uses.
+"""Adapters in the running vLLM replicas: check a folder, load it, unload what nothing uses.
 
 vLLM sees policy ``vNNNN`` as ``prefloop-vNNNN`` and ``base`` as itself. A name is never
 loaded twice with different files (vLLM caches by name): every version has its own name.
 Loading goes through vLLM's ``/v1/load_lora_adapter`` on loopback with the server's key; the
 page and API never reach that endpoint. Requests already streaming keep their adapter until
-they end: :meth:`AdapterPool.prune` unloads only adapters no request is using.
+they end: :meth:`AdapterPool.prune` unloads only adapters no request is using. With several
+replicas (``serving/replicas.py``) an adapter is loaded on every one that is up before
+:meth:`AdapterPool.load` returns, and a replica that comes back gets it by reconciliation.
 """
 
 from __future__ import annotations
@@ -14,26 +16,19 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from prefloop.names import BASE
+from prefloop.serving.replicas import AdapterError, Replica, Replicas, ServerUnreachable
 from prefloop.serving.vllm_server import Endpoint
+
+__all__ = ["AdapterError", "AdapterPool", "ServerUnreachable", "check_adapter", "served_name"]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class AdapterError(RuntimeError):
-    """An adapter folder cannot be served; the message says why."""
-
-
-class ServerUnreachable(AdapterError):
-    """The model server did not answer (e.g. it is restarting): the adapter may be fine."""
 
 
 def served_name(policy: str, prefix: str = "prefloop") -> str:
@@ -95,88 +90,104 @@ def check_adapter(path: Path, base_model: Path | None, max_rank: int) -> None:
 
 
 class AdapterPool:
-    """Which adapters vLLM has loaded, and which requests are using them.
+    """Which adapters the vLLM replicas serve, and which requests are using them.
 
-    Thread-safe: rounds load from their thread, the page's requests mark use from the event
-    loop, the vLLM watcher reloads after a restart.
+    Built on one :class:`Endpoint` (one vLLM, as before replicas) or on several
+    :class:`Replica` engines, watched once :meth:`Replicas.start` is called. Thread-safe:
+    rounds load from their thread, the page's requests mark use from the event loop, the
+    replicas' watcher reconciles.
     """
 
-    def __init__(self, endpoint: Endpoint, base_model: Path | None, max_rank: int,
-                 prefix: str = "prefloop", timeout: float = 120.0) -> None:
-        self.endpoint = endpoint
+    def __init__(self, engines: Endpoint | Sequence[Replica], base_model: Path | None,
+                 max_rank: int, prefix: str = "prefloop", timeout: float = 120.0, *,
+                 watch_every: float = 2.0) -> None:
         self.prefix = prefix  # several prefloops sharing one vLLM need different prefixes
         self.base_model = base_model
         self.max_rank = max_rank
-        self._client = httpx.Client(
-            base_url=endpoint.url.rstrip("/"), timeout=timeout,
-            headers={"Authorization": f"Bearer {endpoint.api_key}"})
+        self.replicas = Replicas(engines, self.owns, watch_every=watch_every) \
+            if not isinstance(engines, Endpoint) \
+            else Replicas.single(engines, self.owns, timeout=timeout)
         self._lock = threading.Lock()
-        self._loaded: dict[str, Path] = {}  # policy -> folder
         self._in_use: Counter[str] = Counter()
 
+    def owns(self, name: str) -> bool:
+        """True for the served names of this prefloop's adapters."""
+        return name.startswith(self.prefix + "-")
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """A replica's endpoint that is up (the first one when none is)."""
+        return self.replicas.first_up().endpoint
+
+    def endpoint_for(self, policy: str) -> Endpoint:
+        """A replica's endpoint that is up and serves ``policy`` (for the KL probe)."""
+        return self.replicas.first_up({self.served_name(policy)}).endpoint
+
     def close(self) -> None:
-        self._client.close()
+        self.replicas.close()
 
     def served_name(self, policy: str) -> str:
         return served_name(policy, self.prefix)
 
     @property
     def loaded(self) -> dict[str, Path]:
-        with self._lock:
-            return dict(self._loaded)
+        """The wanted adapters that some replica serves now: policy -> folder."""
+        start = len(self.prefix) + 1
+        return {name[start:]: path for name, path in self.replicas.wanted.items()
+                if self.replicas.serving(name)}
 
     def is_ready(self, policy: str) -> bool:
-        with self._lock:
-            return policy == BASE or policy in self._loaded
+        """True when a request for ``policy`` can be routed now (``base``: always)."""
+        return policy == BASE or (self.served_name(policy) in self.replicas.wanted
+                                  and self.replicas.serving(self.served_name(policy)))
 
     def load(self, policy: str, path: Path) -> None:
-        """Check ``path`` and load it into vLLM as ``policy``; no-op if already loaded."""
-        if policy == BASE or self.is_ready(policy):
+        """Check ``path`` and load it as ``policy`` on every replica that is up; no-op if
+        it is on all of them. :class:`AdapterError` when a replica refuses it (it is then
+        wanted nowhere), :class:`ServerUnreachable` when no replica answered (it stays
+        wanted: a replica that comes back gets it)."""
+        name = self.served_name(policy)
+        if policy == BASE or (name in self.replicas.wanted and self.replicas.everywhere(name)):
             return
         check_adapter(path, self.base_model, self.max_rank)
-        body = {"lora_name": self.served_name(policy), "lora_path": str(Path(path).resolve())}
-        try:
-            self._post("/v1/load_lora_adapter", body)
-        except ServerUnreachable:
-            raise
-        except AdapterError:
-            if body["lora_name"] not in self.served_models():
-                raise
-            # Left in an outside vLLM by an earlier run of this prefloop: load it afresh.
-            self._post("/v1/unload_lora_adapter", {"lora_name": body["lora_name"]})
-            self._post("/v1/load_lora_adapter", body)
-        with self._lock:
-            self._loaded[policy] = Path(path)
+        self.replicas.want(name, path)
+        refused, unreachable = self.replicas.sync()
+        reasons = [why[name] for why in refused.values() if name in why]
+        if reasons:
+            self.replicas.unwant([name])
+            self.replicas.sync()  # off the replicas that took it
+            raise AdapterError(reasons[0])
+        if not self.replicas.serving(name):
+            raise ServerUnreachable(f"the model server did not answer ({', '.join(unreachable)} "
+                                    f"of {len(self.replicas.replicas)} replicas tried)")
         log.info("adapter %s loaded from %s", policy, path)
 
     def unload(self, policy: str) -> None:
-        with self._lock:
-            if policy not in self._loaded:
-                return
-            del self._loaded[policy]
-        try:
-            self._post("/v1/unload_lora_adapter", {"lora_name": self.served_name(policy)})
-        except AdapterError as exc:  # e.g. vLLM restarted and no longer has it
-            log.warning("unloading %s: %s", policy, exc)
+        self.replicas.unwant([self.served_name(policy)])
+        _, unreachable = self.replicas.sync()
+        if unreachable:  # e.g. restarting: it comes back without the adapter anyway
+            log.warning("unloading %s: %s did not answer", policy, ", ".join(unreachable))
 
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Unload loaded adapters not in ``keep`` that no request is using; returns them."""
         keep = set(keep)
+        start = len(self.prefix) + 1
         with self._lock:
-            idle = [p for p in self._loaded if p not in keep and not self._in_use[p]]
-        for policy in idle:
-            self.unload(policy)
+            idle = [name[start:] for name in self.replicas.wanted
+                    if name[start:] not in keep and not self._in_use[name[start:]]]
+            self.replicas.unwant(self.served_name(p) for p in idle)
+        if idle:
+            self.replicas.sync()
         return idle
 
     def reload(self, policies: dict[str, Path]) -> None:
-        """After a vLLM restart: forget what was loaded and load ``policies`` again."""
-        with self._lock:
-            self._loaded.clear()
+        """Serve exactly ``policies`` from now on (at start: nothing else of ours)."""
+        self.replicas.unwant([n for n in self.replicas.wanted])
         for policy, path in policies.items():
             try:
                 self.load(policy, path)
             except AdapterError as exc:
-                log.error("could not load %s again after a vLLM restart: %s", policy, exc)
+                log.error("could not load %s again: %s", policy, exc)
 
     @contextmanager
     def using(self, *policies: str) -> Iterator[None]:
@@ -189,21 +200,13 @@ class AdapterPool:
             with self._lock:
                 self._in_use.subtract(policies)
 
-    def served_models(self) -> set[str]:
-        """The model names vLLM serves now, base and loaded adapters (``/v1/models``)."""
-        try:
-            response = self._client.get("/v1/models")
-            response.raise_for_status()
-            return {model["id"] for model in response.json()["data"]}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise ServerUnreachable(f"the model server did not list its models: {exc}") \
-                from None
+    def served_models(self, replica: Replica | None = None) -> set[str]:
+        """The model names a replica serves now, base and loaded adapters (``/v1/models``)."""
+        replica = replica or self.replicas.first_up()
+        return set(replica.models(self.replicas.probe_timeout))
 
-    def _post(self, path: str, body: dict[str, str]) -> None:
-        try:
-            response = self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise ServerUnreachable(f"the model server did not answer {path}: {exc}") from None
-        if response.status_code != 200:
-            raise AdapterError(f"the model server refused {body['lora_name']} "
-                               f"({response.status_code}): {response.text[:300]}")
+    def status(self) -> list[dict]:
+        """Each replica: up or down, its adapters (as policies), requests in flight."""
+        start = len(self.prefix) + 1
+        return [{**row, "adapters": [n[start:] for n in row["adapters"] if self.owns(n)]}
+                for row in self.replicas.status()]

@@ -167,10 +167,13 @@ class KLProbe:
     build then fails prompt log-probs batched with other requests, killing the engine.
     """
 
-    def __init__(self, endpoint: Endpoint, *, prompts: int, max_tokens: int,
+    def __init__(self, endpoint: Endpoint | Callable[[str], Endpoint], *, prompts: int,
+                 max_tokens: int,
                  system_prompt: str = "", model_name: Callable[[str], str] = served_name,
                  timeout: float = 600.0) -> None:
         assert prompts >= 1 and max_tokens >= 1
+        # Where to measure a policy: one server, or a function of the policy (with several
+        # replicas, one that serves it).
         self.endpoint = endpoint
         self.prompts = probe_prompts(prompts)
         self.max_tokens = max_tokens
@@ -186,9 +189,11 @@ class KLProbe:
         """Sample the probe answers with ``policy`` and score them under it and ``base``.
         Raises :class:`KLProbeError` if vLLM does not answer or refuses."""
         started = time.monotonic()
+        endpoint = self.endpoint if isinstance(self.endpoint, Endpoint) \
+            else self.endpoint(policy)
         async with httpx.AsyncClient(
-                base_url=self.endpoint.v1, timeout=self.timeout,
-                headers={"Authorization": f"Bearer {self.endpoint.api_key}"}) as client:
+                base_url=endpoint.v1, timeout=self.timeout,
+                headers={"Authorization": f"Bearer {endpoint.api_key}"}) as client:
             samples = await asyncio.gather(*(self._sample(client, policy, prompt, seed)
                                              for prompt, seed in self.prompts))
             mine = await asyncio.gather(*(self._score(client, policy, s) for s in samples))

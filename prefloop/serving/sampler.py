@@ -3,14 +3,22 @@
 One policy: a single request with ``n=2`` (vLLM seeds the second sample with ``seed + 1``).
 Two policies: two requests at once, each with its own seed. Either way the caller sees one
 stream of :class:`PairProgress` snapshots with both texts as they grow.
+
+Both answers of a pair come from one vLLM replica (``serving/replicas.py``): the least busy
+that serves both policies. A replica that fails before either answer has any text is taken
+out and the pair starts again on another; one that fails later ends the pair with a
+:class:`SamplingError` (a visitor saw half an answer: it is not replaced behind their back).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +29,11 @@ from openai import AsyncOpenAI
 from prefloop.names import BASE
 from prefloop.serving.adapters import served_name
 from prefloop.serving.context import ContextTooLong, Messages, fit_context, with_system_prompt
+from prefloop.serving.replicas import NoReplica, Replica, Replicas
 from prefloop.serving.vllm_server import Endpoint
+
+log = logging.getLogger(__name__)
+WATCH_S = 1.0  # how often a waiting pair looks whether its replica was taken out
 
 
 class SamplingError(RuntimeError):
@@ -72,38 +84,76 @@ class PairProgress:
 
 
 class PairSampler:
-    """Samples answer pairs from an OpenAI-compatible server (vLLM)."""
+    """Samples answer pairs from OpenAI-compatible servers (vLLM replicas).
 
-    def __init__(self, endpoint: Endpoint, *, sampling: Sampling, max_model_len: int,
-                 system_prompt: str = "", request_timeout: float = 300.0,
+    ``engines``: one :class:`Endpoint` (one server, as before replicas) or the
+    :class:`Replicas` the adapter pool keeps in sync.
+    """
+
+    def __init__(self, engines: Endpoint | Replicas, *, sampling: Sampling,
+                 max_model_len: int, system_prompt: str = "", request_timeout: float = 300.0,
                  model_name: Callable[[str], str] = served_name) -> None:
-        self.endpoint = endpoint
+        self.replicas = engines if isinstance(engines, Replicas) else Replicas.single(
+            engines, lambda name: False)
         self.model_name = model_name  # policy -> the name vLLM serves it under
         self.sampling = sampling
         self.max_model_len = max_model_len
         self.system_prompt = system_prompt
-        self.client = AsyncOpenAI(base_url=endpoint.v1, api_key=endpoint.api_key,
-                                  timeout=request_timeout, max_retries=0)
-        self._http = httpx.AsyncClient(timeout=30.0,
-                                       headers={"Authorization": f"Bearer {endpoint.api_key}"})
+        self.request_timeout = request_timeout
+        # Per replica (by URL), made on first use: an HTTP pool and the OpenAI client on it.
+        self._clients: dict[str, tuple[AsyncOpenAI, httpx.AsyncClient]] = {}
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The first replica's endpoint (one server: its only one)."""
+        return self.replicas.replicas[0].endpoint
+
+    def _client(self, replica: Replica) -> tuple[AsyncOpenAI, httpx.AsyncClient]:
+        endpoint = replica.endpoint
+        if endpoint.url not in self._clients:
+            self._clients[endpoint.url] = (
+                AsyncOpenAI(base_url=endpoint.v1, api_key=endpoint.api_key,
+                            timeout=self.request_timeout, max_retries=0),
+                httpx.AsyncClient(timeout=30.0,
+                                  headers={"Authorization": f"Bearer {endpoint.api_key}"}))
+        return self._clients[endpoint.url]
+
+    @property
+    def client(self) -> AsyncOpenAI:
+        """The OpenAI client of the first replica."""
+        return self._client(self.replicas.replicas[0])[0]
 
     async def close(self) -> None:
-        await self.client.close()
-        await self._http.aclose()
+        for client, http in self._clients.values():
+            await client.close()
+            await http.aclose()
+        self._clients.clear()
 
-    async def count_tokens(self, messages: Messages, model: str = BASE) -> int:
+    async def count_tokens(self, messages: Messages, model: str = BASE,
+                           replica: Replica | None = None) -> int:
         """Prompt tokens of ``messages`` under the served chat template (vLLM ``/tokenize``)."""
-        response = await self._http.post(
-            self.endpoint.url.rstrip("/") + "/tokenize",
+        replica = replica or self.replicas.replicas[0]
+        response = await self._client(replica)[1].post(
+            replica.endpoint.url.rstrip("/") + "/tokenize",
             json={"model": model, "messages": messages, "add_generation_prompt": True})
         response.raise_for_status()
         return int(response.json()["count"])
 
-    async def prepare(self, history: Messages) -> tuple[Messages, int]:
+    async def prepare(self, history: Messages,
+                      replica: Replica | None = None) -> tuple[Messages, int]:
         """The messages to send for ``history`` (system prompt added, oldest turns cut)."""
         messages = with_system_prompt(self.system_prompt, history)
         budget = self.max_model_len - self.sampling.max_tokens
-        return await fit_context(messages, budget, self.count_tokens)
+        count = functools.partial(self.count_tokens, replica=replica)
+        return await fit_context(messages, budget, count)
+
+    def _route(self, policies: set[str], tried: list[Replica]) -> Replica:
+        try:
+            return self.replicas.acquire({self.model_name(p) for p in policies}, tried)
+        except NoReplica as exc:
+            log.warning("no replica for a request: %s", exc)
+            raise SamplingError("the model server is not answering; try again in a "
+                                "moment") from None
 
     async def stream(self, history: Messages, policy_a: str = BASE,
                      policy_b: str = BASE,
@@ -114,25 +164,45 @@ class PairSampler:
         Raises :class:`SamplingError` (or :class:`ContextTooLong`) with a message for people.
         """
         seed = random.randrange(2**31 - 2) if seed is None else seed
+        started = time.monotonic()
+        tried: list[Replica] = []
+        while True:
+            replica = self._route({policy_a, policy_b}, tried)
+            try:
+                async with aclosing(self._stream_on(replica, history, policy_a, policy_b,
+                                                    seed, started)) as snapshots:
+                    async for progress in snapshots:
+                        yield progress
+                return
+            except _Failover as exc:  # nothing written yet: the pair starts again elsewhere
+                tried.append(replica)
+                log.warning("pair moved off replica %s: %s", replica.name, exc)
+            finally:
+                self.replicas.release(replica)
+
+    async def _stream_on(self, replica: Replica, history: Messages, policy_a: str,
+                         policy_b: str, seed: int,
+                         started: float) -> AsyncIterator[PairProgress]:
+        """:meth:`stream` on one replica; :class:`_Failover` when it fails before any text."""
         try:
-            messages, dropped = await self.prepare(history)  # may raise ContextTooLong
+            messages, dropped = await self.prepare(history, replica)  # may raise ContextTooLong
         except httpx.HTTPError as exc:
-            raise SamplingError(f"the model server is not answering ({exc})") from exc
-        same = policy_a == policy_b
+            raise self._failure(replica, exc, started=False) from exc
         progress = PairProgress(Side(policy_a, seed), Side(policy_b, seed + 1),
-                                context=messages, dropped_messages=dropped)
+                                context=messages, dropped_messages=dropped, started=started)
         # Each stream task puts TICK per chunk, DONE at its end, or the exception it hit.
         updates: asyncio.Queue[object] = asyncio.Queue()
+        client = self._client(replica)[0]
 
         async def pump(policy: str, n: int, sides: list[Side], request_seed: int) -> None:
             try:
-                await self._stream_one(messages, policy, n, request_seed, sides, progress,
-                                       updates)
+                await self._stream_one(client, messages, policy, n, request_seed, sides,
+                                       progress, updates)
                 updates.put_nowait(_DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 updates.put_nowait(exc)
 
-        if same:
+        if policy_a == policy_b:
             tasks = [asyncio.create_task(pump(policy_a, 2, [progress.a, progress.b], seed))]
         else:
             tasks = [asyncio.create_task(pump(policy_a, 1, [progress.a], seed)),
@@ -140,12 +210,12 @@ class PairSampler:
         finished = 0
         try:
             while finished < len(tasks):
-                items = [await updates.get()]
+                items = [await self._next_update(updates, replica, progress)]
                 while not updates.empty():  # coalesce deltas that arrived meanwhile
                     items.append(updates.get_nowait())
                 for item in items:
                     if isinstance(item, BaseException):
-                        raise _as_sampling_error(item)
+                        raise self._failure(replica, item, _started(progress))
                     finished += item is _DONE
                 yield _snapshot(progress)
             progress.total_ms = (time.monotonic() - progress.started) * 1000
@@ -154,6 +224,41 @@ class PairSampler:
             for task in tasks:
                 task.cancel()
 
+    async def _next_update(self, updates: asyncio.Queue[object], replica: Replica,
+                           progress: PairProgress) -> object:
+        """The next update; a pair with no text yet leaves a replica taken out meanwhile
+        (stopped answering) as soon as another one is up."""
+        # One getter across the waits: a get cancelled by a timeout could lose its item.
+        getter = asyncio.ensure_future(updates.get())
+        try:
+            while not (await asyncio.wait({getter}, timeout=WATCH_S))[0]:
+                if not replica.up and not _started(progress) \
+                        and self.replicas.others_up(replica):
+                    raise _Failover(f"replica {replica.name} was taken out")
+            return getter.result()
+        finally:
+            getter.cancel()  # nothing if it is done
+
+    def _failure(self, replica: Replica, exc: BaseException, started: bool) -> BaseException:
+        """What to raise for ``exc`` from ``replica``: :class:`_Failover` when the pair can
+        start again elsewhere, else the error for people. A replica that broke is taken
+        out either way."""
+        if isinstance(exc, (SamplingError, ContextTooLong, asyncio.CancelledError, _Failover)):
+            return exc
+        broke = isinstance(exc, (openai.APIConnectionError, httpx.TransportError)) or (
+            isinstance(exc, openai.APIStatusError) and exc.status_code >= 500) or (
+            isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500)
+        missing = isinstance(exc, openai.NotFoundError)  # it lost an adapter (restarted?)
+        # Only where another replica can take the pair: a single engine stays in, and a
+        # failed request fails alone, as before replicas.
+        if not (broke or missing) or not self.replicas.others_up(replica):
+            return _as_sampling_error(exc)
+        if broke:
+            self.replicas.failed(replica, f"a request failed: {_short(repr(exc))}")
+        for policy in getattr(exc, "prefloop_policies", ()):
+            self.replicas.lost(replica, self.model_name(policy))
+        return _as_sampling_error(exc) if started else _Failover(_short(repr(exc)))
+
     async def answer(self, history: Messages, policy: str = BASE,
                      seed: int | None = None) -> Side:
         """One complete answer to ``history`` from ``policy``, not streamed.
@@ -161,30 +266,44 @@ class PairSampler:
         Raises :class:`SamplingError` (or :class:`ContextTooLong`) as :meth:`stream` does.
         """
         seed = random.randrange(2**31 - 2) if seed is None else seed
+        tried: list[Replica] = []
+        while True:
+            replica = self._route({policy}, tried)
+            try:
+                return await self._answer_on(replica, history, policy, seed)
+            except _Failover as exc:
+                tried.append(replica)
+                log.warning("answer moved off replica %s: %s", replica.name, exc)
+            finally:
+                self.replicas.release(replica)
+
+    async def _answer_on(self, replica: Replica, history: Messages, policy: str,
+                         seed: int) -> Side:
         try:
-            messages, _ = await self.prepare(history)  # may raise ContextTooLong
-        except httpx.HTTPError as exc:
-            raise SamplingError(f"the model server is not answering ({exc})") from exc
-        try:
-            reply = await self.client.chat.completions.create(
+            messages, _ = await self.prepare(history, replica)  # may raise ContextTooLong
+            reply = await self._client(replica)[0].chat.completions.create(
                 model=self.model_name(policy), messages=messages, n=1, seed=seed,
                 temperature=self.sampling.temperature, top_p=self.sampling.top_p,
                 max_tokens=self.sampling.max_tokens)
-        except openai.APIError as exc:
-            raise _as_sampling_error(exc) from exc
+        except (openai.APIError, httpx.HTTPError) as exc:
+            raise self._failure(replica, exc, started=False) from exc
         choice = reply.choices[0]
         return Side(policy, seed, text=choice.message.content or "",
                     finish_reason=choice.finish_reason or "stop",
                     tokens=reply.usage.completion_tokens if reply.usage else None)
 
-    async def _stream_one(self, messages: Messages, policy: str, n: int, seed: int,
-                          sides: list[Side], progress: PairProgress,
+    async def _stream_one(self, client: AsyncOpenAI, messages: Messages, policy: str, n: int,
+                          seed: int, sides: list[Side], progress: PairProgress,
                           updates: asyncio.Queue[object]) -> None:
-        stream = await self.client.chat.completions.create(
-            model=self.model_name(policy), messages=messages, n=n, seed=seed, stream=True,
-            temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-            max_tokens=self.sampling.max_tokens,
-            extra_body={"return_token_ids": True})
+        try:
+            stream = await client.chat.completions.create(
+                model=self.model_name(policy), messages=messages, n=n, seed=seed,
+                stream=True, temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p, max_tokens=self.sampling.max_tokens,
+                extra_body={"return_token_ids": True})
+        except openai.NotFoundError as exc:
+            exc.prefloop_policies = (policy,)  # type: ignore[attr-defined]
+            raise
         async with stream:
             async for chunk in stream:
                 for choice in chunk.choices:
@@ -201,6 +320,15 @@ class PairSampler:
                 updates.put_nowait(_TICK)
         for side in sides:  # a server that ends the stream without a finish reason
             side.finish_reason = side.finish_reason or "stop"
+
+
+class _Failover(Exception):
+    """A replica failed before the pair had any text: start it again on another one."""
+
+
+def _started(progress: PairProgress) -> bool:
+    """True once a visitor may have seen some of the answers."""
+    return bool(progress.a.text or progress.b.text)
 
 
 _TICK = object()
