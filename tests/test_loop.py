@@ -17,6 +17,7 @@ from prefloop.app.loop_tabs import LoopHandlers
 from prefloop.config import Settings
 from prefloop.loop.controller import Loop, LoopError
 from prefloop.loop.reports import round_summaries
+from prefloop.loop.rounds import TRAIN_KL_SHARE
 from prefloop.serving.adapters import AdapterPool
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.storage.store import Answer, NotFound, Store
@@ -83,9 +84,13 @@ def rig(tmp_path: Path, vllm_server, embedded_model: Path) -> Iterator[LoopRig]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, vllm_server,
             embedded_model: Path) -> Iterator[LoopRig]:
-    """A loop that has run one real round on 16 votes (its candidate is v0001)."""
+    """A loop that has run one real round on 16 votes (its candidate is v0001).
+
+    Its KL budget is loose (5 nats/token): the trainer checks its KL but never stops on it,
+    so v0001 is trained (the hand-written test answers are far from the model's own, and
+    the default budget would stop the round in its first steps)."""
     rig = LoopRig(tmp_path_factory.mktemp("trained") / "data", vllm_server, embedded_model,
-                  train_batch_size=4, train_lora_rank=8, kl_probe_prompts=16)
+                  train_batch_size=4, train_lora_rank=8, kl_probe_prompts=16, max_kl=5.0)
     vote_pairs(rig.store)
     rig.loop.run_round("admin")
     yield rig
@@ -420,6 +425,12 @@ def copying_trainer(source: Path) -> tuple[str, ...]:
 def test_kl_of_a_trained_adapter_is_measured_before_it_meets_visitors(trained: LoopRig,
                                                                       embedded_model: Path):
     [row] = [r for r in trained.store.rounds() if r["adapter"] == "v0001"]
+    # The loop gave the trainer its share of the budget; the trainer checked along the way.
+    checks = row["metrics"]["kl_checks"]
+    assert row["metrics"]["config"]["max_kl"] == pytest.approx(5.0 * TRAIN_KL_SHARE)
+    assert checks[0]["step"] == 0 and checks[0]["kl_per_token"] == 0.0
+    assert checks[-1]["step"] == len(row["metrics"]["steps"]) and checks[-1]["kl_per_token"] > 0
+    assert row["metrics"]["stopped_early"] is False
     report = row["kl"]
     assert (report["policy"], report["answers"], report["max_tokens"]) == ("v0001", 16, 16)
     assert report["per_token"] > 0 and report["per_answer"] > 0, report

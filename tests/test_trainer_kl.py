@@ -118,3 +118,23 @@ def test_kl_options_on_the_command_line(tiny_model: Path, tmp_path: Path) -> Non
     assert events.count("kl_check") == 1 + events.count("step")
     assert not math.isnan(json.loads((tmp_path / "out" / "metrics.json").read_text())
                           ["kl_checks"][-1]["kl_per_token"])
+
+
+def test_the_command_reports_a_round_that_took_no_step(tiny_model: Path,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    pairs = _write_pairs(tmp_path / "p.jsonl", 6)
+    common = ["--pairs", str(pairs), "--model", str(tiny_model), "--batch-size", "2",
+              "--lr", "3e-2"]
+    runner = CliRunner()
+    first = runner.invoke(train_command, [*common, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    over = [*common, "--init-adapter", str(tmp_path / "a"), "--max-kl", "1e-9"]
+    result = runner.invoke(train_command, [*over, "--out", str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout.splitlines()[-1])
+    assert (done["event"], done["steps"], done["final_loss"], done["stopped_early"]) == \
+        ("done", 0, None, True)
+    result = runner.invoke(train_command, [*over, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "0 steps," in result.output
+    assert "stopped at step 0" in result.output and "over --max-kl 1e-09" in result.output

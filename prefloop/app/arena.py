@@ -369,7 +369,8 @@ def build_arena(handlers: ArenaHandlers) -> dict[str, Any] | None:
     terms = handlers.service.consent.terms
     if terms is not None:
         # Shown until the page's load event finds this visitor accepted them already.
-        with gr.Group(elem_id="terms") as terms_box:
+        # A Column, not a Group: Gradio 6 gives a Group's elem_id to two nested divs.
+        with gr.Column(elem_id="terms", variant="panel") as terms_box:
             gr.Markdown(terms.text, elem_id="terms-text")
             accept = gr.Button("I accept", variant="primary", elem_id="accept-terms")
     state = gr.State(None)

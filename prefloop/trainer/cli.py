@@ -103,8 +103,10 @@ def train_command(json_lines: bool, model: Path | None, **options: Any) -> None:
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    last = metrics["steps"][-1]
-    return {"pairs": metrics["pairs"], "steps": len(metrics["steps"]), "final_loss": last["loss"],
+    steps = metrics["steps"]  # none when the round started over its KL budget
+    return {"pairs": metrics["pairs"], "steps": len(steps),
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "stopped_early": metrics["stopped_early"],
             "held_out": metrics["held_out"], "pairs_per_s": metrics["pairs_per_s"],
             "seconds": metrics["seconds"]["total"], "peak_memory_mb": metrics["peak_memory_mb"]}
 
@@ -114,9 +116,15 @@ def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
     click.echo(f"adapter written to {out}")
     click.echo(f"pairs: {pairs['used']} used ({pairs['train']} train, {pairs['held_out']} held "
                f"out), {pairs['dropped']} dropped, {pairs['skipped_invalid']} invalid skipped")
-    click.echo(f"{len(steps)} steps, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}, "
+    loss = f", loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}" if steps else ""
+    click.echo(f"{len(steps)} steps{loss}, "
                f"{metrics['pairs_per_s']:.2f} pairs/s, {metrics['seconds']['total']:.0f} s, "
                f"peak {metrics['peak_memory_mb']['rss']:.0f} MB")
+    if metrics["stopped_early"]:
+        check = metrics["kl_checks"][-1]
+        click.echo(f"stopped at step {check['step']}: KL {check['kl_per_token']:.4f} nats/token "
+                   f"over --max-kl {metrics['config']['max_kl']:g}; kept the weights of step "
+                   f"{check['kept_step'] if check['kept_step'] is not None else 0}")
     before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
     if before and after:
         click.echo(f"held out: accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}, "
