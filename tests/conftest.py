@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,6 +125,18 @@ class ServeProcess:
                  "--port", str(self.port), *args],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
+    @classmethod
+    @contextmanager
+    def running(cls, data_dir: Path, args: list[str],
+                env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
+        """A started and ready server for the ``with`` block, stopped after it."""
+        server = cls(data_dir, args, env)
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            server.stop()
+
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         import httpx
 
@@ -152,6 +166,22 @@ class ServeProcess:
                 self.proc.wait()
 
 
+@contextmanager
+def visitor(app: Any, cookie: str | None = None) -> Iterator[Any]:
+    """A visitor of ``app`` (a starlette TestClient) with its own cookie jar, not entered, so
+    the app outlives each visitor; a new client id unless ``cookie`` is given."""
+    from starlette.testclient import TestClient
+
+    from prefloop.app.guard import COOKIE
+
+    client = TestClient(app, cookies={COOKIE: cookie} if cookie else None)
+    try:
+        client.get("/healthz")  # the middleware sets the client cookie
+        yield client
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def external_args(vllm_server, embedded_model: Path) -> list[str]:
     """CLI flags that point ``prefloop serve`` at the session's vLLM server (and at the
@@ -164,12 +194,8 @@ def external_args(vllm_server, embedded_model: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, external_args: list[str]) -> Iterator:
     """A ``prefloop serve`` on the shared vLLM, with its own data dir, for one test module."""
-    server = ServeProcess(tmp_path_factory.mktemp("served"), external_args)
-    try:
-        server.wait_ready()
+    with ServeProcess.running(tmp_path_factory.mktemp("served"), external_args) as server:
         yield server
-    finally:
-        server.stop()
 
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

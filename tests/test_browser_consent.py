@@ -24,12 +24,9 @@ def gated(tmp_path_factory: pytest.TempPathFactory, external_args: list[str]) ->
     folder = tmp_path_factory.mktemp("consent")
     terms = folder / "terms.md"
     terms.write_text(TERMS, encoding="utf-8")
-    server = ServeProcess(folder / "data", [*external_args, "--terms-file", str(terms)])
-    try:
-        server.wait_ready()
+    args = [*external_args, "--terms-file", str(terms)]
+    with ServeProcess.running(folder / "data", args) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

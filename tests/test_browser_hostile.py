@@ -90,13 +90,9 @@ def hostile_model() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def served_hostile(tmp_path_factory: pytest.TempPathFactory, hostile_model: str,
                    embedded_model: Path) -> Iterator[ServeProcess]:
-    server = ServeProcess(tmp_path_factory.mktemp("hostile"), [
-        "--vllm-url", hostile_model, "--vllm-api-key", "x", "--model", str(embedded_model)])
-    try:
-        server.wait_ready()
+    args = ["--vllm-url", hostile_model, "--vllm-api-key", "x", "--model", str(embedded_model)]
+    with ServeProcess.running(tmp_path_factory.mktemp("hostile"), args) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -33,15 +33,11 @@ def loop_served(tmp_path_factory: pytest.TempPathFactory,
         "rejected": [{"role": "assistant", "content": "No."}]}) + "\n" for t in TOPICS))
     result = CliRunner().invoke(main, ["import", str(pairs), "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
-    server = ServeProcess(data_dir, [
-        *external_args, "--promote", "immediate", "--duel-share", "0", "--baseline-share", "0",
-        "--train-every", "10000", "--train-epochs", "1", "--max-tokens", "24"],
-        env={"PREFLOOP_ADMIN_PASSWORD": PASSWORD})
-    try:
-        server.wait_ready()
+    with ServeProcess.running(data_dir, [
+            *external_args, "--promote", "immediate", "--duel-share", "0", "--baseline-share", "0",
+            "--train-every", "10000", "--train-epochs", "1", "--max-tokens", "24"],
+            env={"PREFLOOP_ADMIN_PASSWORD": PASSWORD}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

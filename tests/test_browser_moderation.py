@@ -31,12 +31,9 @@ def moderated(tmp_path_factory: pytest.TempPathFactory, external_args: list[str]
     folder = tmp_path_factory.mktemp("moderated")
     check = folder / "check.py"
     check.write_text(CHECK, encoding="utf-8")
-    server = ServeProcess(folder / "data", [*external_args, "--moderation", f"{check}:check"])
-    try:
-        server.wait_ready()
+    args = [*external_args, "--moderation", f"{check}:check"]
+    with ServeProcess.running(folder / "data", args) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from starlette.testclient import TestClient
 
 from prefloop.app.arena import ACCEPT_FIRST, ArenaHandlers, ArenaState
 from prefloop.app.chat import ChatService
@@ -28,6 +26,7 @@ from prefloop.config import ConfigError, Settings, load_settings
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.serving.vllm_server import Endpoint
 from prefloop.storage.store import Answer, Conflict, NotFound, Store
+from tests.conftest import visitor
 from tests.openai_stub import StubServer, stub_server
 
 TERMS = "# Terms\n\nConversations may be published.\n"
@@ -175,17 +174,6 @@ def test_the_terms_version_migration_keeps_old_pairs(tmp_path: Path) -> None:
 def app(settings: Settings, store: Store, stub: StubServer):
     return create_app(settings, store, sampler_for(stub))
 
-
-@contextmanager
-def visitor(app, cookie: str | None = None) -> Iterator[TestClient]:
-    """A visitor with its own cookie jar (not entered: the app outlives each visitor); a new
-    client id unless ``cookie`` is given."""
-    client = TestClient(app, cookies={COOKIE: cookie} if cookie else None)
-    try:
-        client.get("/healthz")  # the middleware sets the client cookie
-        yield client
-    finally:
-        client.close()
 
 
 def test_nothing_is_stored_until_the_terms_are_accepted(app, store: Store,

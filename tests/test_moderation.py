@@ -14,12 +14,10 @@ import asyncio
 import random
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from starlette.testclient import TestClient
 
 from prefloop.app.arena import (
     CHECKING,
@@ -30,7 +28,7 @@ from prefloop.app.arena import (
     answer_status,
 )
 from prefloop.app.chat import ChatService
-from prefloop.app.guard import COOKIE, Client
+from prefloop.app.guard import Client
 from prefloop.app.loop_tabs import LoopHandlers
 from prefloop.app.moderation import Flagged, ModerationDown, Moderator, builtin_check
 from prefloop.app.server import create_app
@@ -43,6 +41,7 @@ from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.serving.vllm_server import Endpoint
 from prefloop.storage.exchange import export_records
 from prefloop.storage.store import Conflict, Store
+from tests.conftest import visitor
 from tests.openai_stub import StubServer, stub_server
 
 ME = "a" * 32
@@ -193,14 +192,6 @@ def app_for(settings: Settings, store: Store, stub: StubServer):
                           max_model_len=2048)
     return create_app(settings, store, sampler)
 
-
-@contextmanager
-def visitor(app) -> Iterator[TestClient]:
-    client = TestClient(app, cookies={COOKIE: ME})
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def test_a_flagged_message_is_refused_and_nothing_is_generated(tmp_path: Path, store: Store,

@@ -13,15 +13,13 @@ import json
 import random
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from starlette.testclient import TestClient
 
 from prefloop.app.arena import ArenaHandlers, ArenaState
 from prefloop.app.chat import ChatService
-from prefloop.app.guard import COOKIE, Client
+from prefloop.app.guard import Client
 from prefloop.app.privacy import DOWNLOAD_NAME
 from prefloop.app.server import create_app
 from prefloop.config import Settings
@@ -33,6 +31,7 @@ from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.serving.vllm_server import Endpoint
 from prefloop.storage.exchange import export_records, hf_rows, write_export
 from prefloop.storage.store import Answer, Store
+from tests.conftest import visitor
 from tests.test_loop_api import BOOM
 
 DEAD = Endpoint("http://127.0.0.1:9", "x")
@@ -202,16 +201,6 @@ def test_a_rounds_pairs_file_is_removed_when_the_trainer_is_done(settings: Setti
 
 # -- the API -----------------------------------------------------------------------------------
 
-
-@contextmanager
-def visitor(app, cookie: str | None = None) -> Iterator[TestClient]:
-    """A visitor with its own cookie jar (not entered: the app outlives each visitor)."""
-    client = TestClient(app, cookies={COOKIE: cookie} if cookie else None)
-    try:
-        client.get("/healthz")  # the middleware sets the client cookie
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

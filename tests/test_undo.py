@@ -9,12 +9,10 @@ test_browser_undo.py (needs vLLM).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from starlette.testclient import TestClient
 
 from prefloop.app.arena import ArenaHandlers, ArenaState
 from prefloop.app.chat import ChatService, Forbidden
@@ -25,6 +23,7 @@ from prefloop.names import AdapterState, PairKind
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.serving.vllm_server import Endpoint
 from prefloop.storage.store import Answer, Conflict, NotFound, Store
+from tests.conftest import visitor
 
 DEAD = Endpoint("http://127.0.0.1:9", "x")  # nothing listens there
 HI = [{"role": "user", "content": "Hi"}]
@@ -172,16 +171,6 @@ def test_only_the_voter_may_undo_and_only_within_the_window(settings: Settings,
 
 # -- the API -----------------------------------------------------------------------------------
 
-
-@contextmanager
-def visitor(app) -> Iterator[TestClient]:
-    """A visitor with its own cookie jar (not entered: the app outlives each visitor)."""
-    client = TestClient(app)
-    try:
-        client.get("/healthz")  # the middleware sets the client cookie
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture
