@@ -7,7 +7,7 @@ the process started.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter
@@ -75,25 +75,15 @@ class StoreCollector(Collector):
         yield policy
         yield GaugeMetricFamily("prefloop_generations_running", "Pairs being written now.",
                                 value=self.guard.running)
-        refused = CounterMetricFamily("prefloop_refused_requests", "Requests turned away "
-                                      "(429/503), by the limit that did it.",
-                                      labels=["limit"])
-        for limit, n in sorted(self.guard.refused.items()):
-            refused.add_metric([limit], n)
-        yield refused
+        yield _by_label("prefloop_refused_requests", "Requests turned away (429/503), by the "
+                        "limit that did it.", "limit", self.guard.refused)
         if self.moderator is not None and self.moderator.active:
-            flagged = CounterMetricFamily(
-                "prefloop_moderation_flagged", "Texts moderation flagged since the start: "
-                "messages and written answers refused, answers withheld.", labels=["what"])
-            for what, n in sorted(self.moderator.flagged.items()):
-                flagged.add_metric([what], n)
-            yield flagged
-            failed = CounterMetricFamily(
-                "prefloop_moderation_failures", "Moderation checks that failed since the "
-                "start, by what became of the text (moderation_fail).", labels=["outcome"])
-            for outcome, n in sorted(self.moderator.failures.items()):
-                failed.add_metric([outcome], n)
-            yield failed
+            yield _by_label("prefloop_moderation_flagged", "Texts moderation flagged since "
+                            "the start: messages and written answers refused, answers "
+                            "withheld.", "what", self.moderator.flagged)
+            yield _by_label("prefloop_moderation_failures", "Moderation checks that failed "
+                            "since the start, by what became of the text (moderation_fail).",
+                            "outcome", self.moderator.failures)
             yield GaugeMetricFamily("prefloop_pairs_withheld", "Pairs stored with an answer "
                                     "moderation withheld.", value=self.store.count_withheld())
         if self.replicas is not None:
@@ -155,3 +145,11 @@ class Metrics:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         return router
+
+
+def _by_label(name: str, help: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter with one sample per ``label`` value, in sorted order."""
+    family = CounterMetricFamily(name, help, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
