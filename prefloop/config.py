@@ -180,6 +180,9 @@ class Settings:
                                            "the rank; at most lora_max_rank). Later rounds keep "
                                            "their parent's rank.", lo=1, hi=512)
     train_loss: str = _knob("loss", "DPO loss of a round.")
+    train_kl_coef: float = _knob("kl_coef", "Weight of the token-level KL(policy ‖ base) "
+                                            "penalty in a round's loss (0: none).",
+                                 lo=0.0, hi=100.0)
     trainer_threads: int = _knob("threads", "CPU threads of the trainer (0: one per core).",
                                  lo=0, hi=1024, default=1)
     trainer_timeout: float = _setting(3600.0, "Seconds a round may train before it is "

@@ -16,7 +16,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from prefloop.trainer.cli import train_command
-from prefloop.trainer.kl import KLEstimator
+from prefloop.trainer.batch import answer_logits, collate
+from prefloop.trainer.kl import KLEstimator, pair_token_kl
 from prefloop.trainer.round import load_policy, run_round
 from prefloop.trainer.tokenize import TokenizedPair
 from tests.test_trainer_round import _config, _write_pairs, tiny_model  # noqa: F401
@@ -51,6 +52,49 @@ def test_the_estimate_is_the_mean_token_kl_over_the_answers(tiny_model: Path,  #
     assert check.per_token == pytest.approx(total / tokens, rel=1e-4)
     assert check.per_answer == pytest.approx(total / 6, rel=1e-4)
     assert check.per_token > 0
+
+
+def test_the_cached_base_and_the_penalty_give_the_same_kl(tiny_model: Path,  # noqa: F811
+                                                          tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = load_policy(_config(tmp_path, tiny_model), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    cached = KLEstimator(PAIRS, pad_id=2, device=torch.device("cpu"), chunk=2)
+    first = cached.measure(policy).per_token
+    assert cached.base and cached.measure(policy).per_token == first  # the tables kept
+    monkeypatch.setattr("prefloop.trainer.kl.CACHE_BYTES", 0)
+    fresh = KLEstimator(PAIRS, pad_id=2, device=torch.device("cpu"), chunk=2)
+    assert fresh.measure(policy).per_token == pytest.approx(first, rel=1e-6)
+    assert fresh.base == []  # too big for the cache: made again at each check
+    # The loss's penalty: per pair, the mean over its answer tokens of the same exact KL.
+    batch = collate(PAIRS, range(3), pad_id=2)
+    per_pair = pair_token_kl(policy, batch, answer_logits(policy, batch))
+    for k, pair in enumerate(PAIRS):
+        alone = KLEstimator([pair], pad_id=2, device=torch.device("cpu")).measure(policy)
+        assert per_pair[k].item() == pytest.approx(alone.per_token, rel=1e-4)
+
+
+def test_the_kl_penalty_keeps_a_round_nearer_the_base(tiny_model: Path,  # noqa: F811
+                                                      tmp_path: Path) -> None:
+    common = {"n_pairs": 16, "lr": 3e-2, "epochs": 3, "warmup_ratio": 0.0}
+    free = run_round(_config(tmp_path / "free", tiny_model, **common), progress=False)
+    config = _config(tmp_path / "held", tiny_model, kl_coef=20.0, **common)
+    held = run_round(config, progress=False)
+    assert "kl_per_token" not in free["steps"][0]
+    assert all(step["kl_per_token"] >= 0 for step in held["steps"])
+    assert held["steps"][0]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)  # starts at base
+    from transformers import AutoTokenizer
+
+    from prefloop.trainer.round import _load_pairs
+    pairs, _ = _load_pairs(config, AutoTokenizer.from_pretrained(tiny_model))
+    kl_free = _kl_of(tmp_path / "free" / "adapters" / "v0001", tiny_model, pairs)
+    kl_held = _kl_of(config.out, tiny_model, pairs)
+    assert 0 < kl_held < kl_free / 2, (kl_held, kl_free)
+    # It still learns the preference: the held-out margin moves the same way.
+    assert held["held_out"]["after"]["margin"] > held["held_out"]["before"]["margin"]
 
 
 def _kl_of(adapter: Path, model: Path, pairs: list[TokenizedPair]) -> float:
@@ -108,6 +152,7 @@ def test_kl_options_on_the_command_line(tiny_model: Path, tmp_path: Path) -> Non
     for flag, value, message in (("--max-kl", "-0.1", "max_kl must be >= 0"),
                                  ("--kl-check-steps", "0", "kl_check_steps must be at least 1"),
                                  ("--kl-pairs", "0", "kl_pairs must be at least 1"),
+                                 ("--kl-coef", "-1", "kl_coef must be >= 0"),
                                  ("--max-kl", "lots", "'lots' is not a valid float")):
         result = runner.invoke(train_command, [*base, flag, value])
         assert result.exit_code != 0 and message in result.output, result.output

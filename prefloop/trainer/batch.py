@@ -156,7 +156,12 @@ def make_batches(pairs: Sequence[TokenizedPair], index: Sequence[int], batch_siz
 def completion_logps(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
     """Sum of log p(answer token | prompt and the answer before it) per answer: shape (2B,),
     chosen answers first."""
-    token_logps = answer_token_logps(model, batch)  # (M,)
+    return answer_logps(answer_logits(model, batch), batch)
+
+
+def answer_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """:func:`completion_logps` from the answer logits (M, V) already computed."""
+    token_logps = target_logps(logits, batch)  # (M,)
     sums = torch.zeros(2 * batch.size, device=token_logps.device)  # (2B,)
     return sums.index_add(0, batch.slots, token_logps)
 
@@ -168,7 +173,11 @@ def answer_token_logps(model: PreTrainedModel | PeftModel, batch: Batch) -> torc
     predict an answer token, and log-softmax is taken as ``logit[target] - logsumexp(logits)``
     on those rows only, so no (B, T, V) tensor is ever built.
     """
-    logits = answer_logits(model, batch)  # (M, V)
+    return target_logps(answer_logits(model, batch), batch)
+
+
+def target_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """log p of each scored token (M,) from the answer logits (M, V)."""
     return logits.gather(-1, batch.targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 

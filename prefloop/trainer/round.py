@@ -30,12 +30,14 @@ from prefloop.hardware import cpu_has_native_bf16
 from prefloop.trainer.batch import (
     Batch,
     HeadMismatch,
+    answer_logits,
+    answer_logps,
     check_head,
     completion_logps,
     make_batches,
 )
 from prefloop.trainer.data import read_pairs
-from prefloop.trainer.kl import KLEstimator
+from prefloop.trainer.kl import KLEstimator, pair_token_kl
 from prefloop.trainer.loss import preference_loss
 from prefloop.trainer.settings import RoundConfig
 from prefloop.trainer.tokenize import TokenizedPair, tokenize_pairs
@@ -218,12 +220,19 @@ def reference_logps(model: PeftModel, batches: Sequence[Batch], n_pairs: int,
 def _pair_stats(model: PeftModel, batch: Batch, ref: tuple[torch.Tensor, torch.Tensor],
                 config: RoundConfig, device: torch.device) -> tuple[torch.Tensor, Counter]:
     """Per-pair losses (B,) for one batch, and sums of what is reported about them."""
-    logps = completion_logps(model, batch.to(device))  # (2B,)
+    batch = batch.to(device)
+    logits = answer_logits(model, batch)  # (M, V)
+    logps = answer_logps(logits, batch)  # (2B,)
     policy_chosen, policy_rejected = logps[:batch.size], logps[batch.size:]  # (B,) each
     ref_chosen, ref_rejected = (r[batch.index].to(device) for r in ref)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         loss=config.loss, beta=config.beta, label_smoothing=config.label_smoothing)
+    extra = {}
+    if config.kl_coef:
+        kl = pair_token_kl(model, batch, logits)  # (B,)
+        losses = losses + config.kl_coef * kl
+        extra["kl_per_token"] = kl.detach().sum().item()
     sums = Counter({
         "loss": losses.detach().sum().item(),
         "rewards_chosen": chosen_rewards.sum().item(),
@@ -232,7 +241,7 @@ def _pair_stats(model: PeftModel, batch: Batch, ref: tuple[torch.Tensor, torch.T
         "margin": (chosen_rewards - rejected_rewards).sum().item(),
         "logps_chosen": policy_chosen.detach().sum().item(),
         "logps_rejected": policy_rejected.detach().sum().item(),
-    })
+    } | extra)
     return losses, sums
 
 

@@ -93,6 +93,12 @@ class RoundConfig:
     kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl).")
     kl_pairs: int = knob(8, "Pairs whose answers each KL check scores (held-out ones "
                             "first).")
+    # A term of the loss itself (token-level KL, as in TDPO, arXiv 2404.11999): DPO only sees
+    # the log-ratio of the two sampled answers, so mass it moves between tokens nobody sampled
+    # (the policy sharpening) is free to it but spends the KL budget.
+    kl_coef: float = knob(0.0, "Weight of a KL(policy ‖ base) penalty in the loss: the exact "
+                                "per-token KL at every answer position of the batch, in nats "
+                                "per answer token (0: none).")
     skip_invalid: bool = knob(False, "Skip and count bad lines instead of failing.")
     # Where a busy vLLM server shares the cores, fewer threads than cores avoids threads
     # spinning while they wait for each other: measured here, 2 threads beside busy vLLM on
@@ -124,6 +130,7 @@ class RoundConfig:
             (self.max_kl >= 0, "max_kl must be >= 0 (0: no KL check; try 0.15)"),
             (self.kl_check_steps >= 1, "kl_check_steps must be at least 1"),
             (self.kl_pairs >= 1, "kl_pairs must be at least 1 (try 16)"),
+            (self.kl_coef >= 0, "kl_coef must be >= 0 (0: no KL penalty; try 1)"),
         ]
         for ok, message in checks:
             if not ok:
