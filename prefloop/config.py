@@ -149,6 +149,11 @@ class Settings:
                                         lo=1, hi=1_000_000)
     replay_ratio: float = _setting(1.0, "Older pairs replayed per new pair in a round.",
                                    lo=0.0, hi=100.0)
+    train_from: str = _setting(
+        "champion", "Where a round starts: champion (its adapter trained further on the new "
+                    "pairs and the replay) or base (a new adapter fitted afresh to them, so a "
+                    "round does not inherit the KL its parent spent).",
+        choices=("champion", "base"))
     duel_share: float = _setting(0.5, "Share of new turns that duel candidate vs champion "
                                       "while a candidate exists.", lo=0.0, hi=1.0)
     baseline_share: float = _setting(0.1, "Share of new turns that duel the champion against "

@@ -305,7 +305,8 @@ class Loop:
         out = s.adapters_dir / name
         job = round_config(
             s, pairs=snapshot.path, out=out, model=self.base_model, seed=round_id,
-            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]))
+            init_adapter=None if parent == BASE or s.train_from == BASE
+            else Path(self.store.adapter(parent)["path"]))
         last_saved = [0.0]
 
         def on_event(event: dict[str, Any]) -> None:
