@@ -108,8 +108,9 @@ class PairSampler:
         self.max_model_len = max_model_len
         self.system_prompt = system_prompt
         self.request_timeout = request_timeout
-        # Per replica (by URL), made on first use: an HTTP pool and the OpenAI client on it.
-        self._clients: dict[str, tuple[AsyncOpenAI, httpx.AsyncClient]] = {}
+        # Per replica (by URL and key: a champion engine started later may get a port an
+        # earlier one had), made on first use: an HTTP pool and the OpenAI client on it.
+        self._clients: dict[Endpoint, tuple[AsyncOpenAI, httpx.AsyncClient]] = {}
 
     @property
     def endpoint(self) -> Endpoint:
@@ -118,13 +119,13 @@ class PairSampler:
 
     def _client(self, replica: Replica) -> tuple[AsyncOpenAI, httpx.AsyncClient]:
         endpoint = replica.endpoint
-        if endpoint.url not in self._clients:
-            self._clients[endpoint.url] = (
+        if endpoint not in self._clients:
+            self._clients[endpoint] = (
                 AsyncOpenAI(base_url=endpoint.v1, api_key=endpoint.api_key,
                             timeout=self.request_timeout, max_retries=0),
                 httpx.AsyncClient(timeout=30.0,
                                   headers={"Authorization": f"Bearer {endpoint.api_key}"}))
-        return self._clients[endpoint.url]
+        return self._clients[endpoint]
 
     @property
     def client(self) -> AsyncOpenAI:
