@@ -26,7 +26,7 @@ from prefloop.serving.champion import ChampionEngine
 from prefloop.serving.replicas import Replica
 from prefloop.serving.sampler import PairSampler, Sampling
 from prefloop.serving.vllm_server import Endpoint, VLLMError, group_rss
-from prefloop.storage.store import Store
+from prefloop.storage.store import NotFound, Store
 from tests.conftest import wait_for
 from tests.openai_stub import StubServer, stub_server
 from tests.test_replicas import make_adapter
@@ -308,3 +308,31 @@ def test_the_champion_engine_is_one_more_local_engine() -> None:
 def test_group_memory_is_read_from_proc() -> None:
     assert group_rss(os.getpgid(0)) > 10_000_000  # this test process at least
     assert group_rss(2**22 + 12345) is None
+
+
+def test_serve_builds_the_champion_engine_without_lora_on_its_own_share(tmp_path: Path) -> None:
+    """What ``prefloop serve`` starts for ``champion_engine = "merged"`` (not started here:
+    tests/test_champion_vllm.py starts real ones)."""
+    from prefloop.app import server
+
+    settings = Settings(data_dir=tmp_path, champion_engine="merged", vllm_replicas=1)
+    store = Store(settings.db_path)
+    pool = AdapterPool([Replica("local-1", Endpoint("http://127.0.0.1:9", "k"))], None, 16)
+    try:
+        engine = server._champion_engine(settings, tmp_path / "model", store, pool)
+        assert engine.model_for("base") == tmp_path / "model"  # base: the folder as it is
+        vllm = engine.launch(tmp_path / "merged" / "v0001-abc", "prefloop-v0001", "green")
+        command = vllm.command()
+        assert "--enable-lora" not in command and not vllm.lora
+        assert command[command.index("--served-model-name") + 1] == "prefloop-v0001"
+        assert vllm.memory_fraction == settings.champion_memory_fraction
+        assert vllm.log_path == settings.logs_dir / "vllm-champion-green.log"
+        # Its own share: on a CPU build its cores are not the replica's.
+        if len(os.sched_getaffinity(0)) >= 2:
+            replica = server._vllm_server(settings, tmp_path / "model", 0)
+            assert vllm.extra_env != replica.extra_env
+        with pytest.raises(NotFound, match="v0009"):  # no such adapter: a clear error
+            engine.model_for("v0009")
+    finally:
+        pool.close()
+        store.close()
