@@ -23,6 +23,8 @@ from prefloop.serving.merged import (
 )
 from prefloop.trainer.settings import DEFAULT_TARGET_MODULES
 
+pytestmark = pytest.mark.slow  # trains an adapter a few steps and merges in a subprocess
+
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 
 
