@@ -2,8 +2,8 @@
 (``tests/openai_stub.py``) in place of vLLM: the champion's own turns go to the plain engine,
 duels to the LoRA replica; the blue-green switch loses no request (the old engine drains,
 then stops); a failed start leaves the traffic where it was and shows in status and
-/metrics; a plain engine that dies hands its turns to the LoRA replica. The same with real
-vLLM engines is in tests/test_champion_vllm.py."""
+/metrics; a plain engine that dies hands its turns to the LoRA replica. Nothing here starts
+a real vLLM (see docs/DEVELOPMENT.md: the real-engine test is not yet in the suite)."""
 
 from __future__ import annotations
 
@@ -311,8 +311,8 @@ def test_group_memory_is_read_from_proc() -> None:
 
 
 def test_serve_builds_the_champion_engine_without_lora_on_its_own_share(tmp_path: Path) -> None:
-    """What ``prefloop serve`` starts for ``champion_engine = "merged"`` (not started here:
-    tests/test_champion_vllm.py starts real ones)."""
+    """What ``prefloop serve`` starts for ``champion_engine = "merged"`` (built, not
+    started)."""
     from prefloop.app import server
 
     settings = Settings(data_dir=tmp_path, champion_engine="merged", vllm_replicas=1)
