@@ -204,8 +204,21 @@ class AdapterPool:
         try:
             yield
         finally:
-            with self._lock:
-                self._in_use.subtract(policies)
+            self.release(*policies)
+
+    def hold(self, *policies: str) -> bool:
+        """Mark ``policies`` in use if every one is ready now, in one step with the check (a
+        :meth:`prune` sees either the mark or no adapter to route to); True when held:
+        :meth:`release` them when the request ends."""
+        with self._lock:
+            if not all(self.is_ready(p) for p in policies):
+                return False
+            self._in_use.update(policies)
+            return True
+
+    def release(self, *policies: str) -> None:
+        with self._lock:
+            self._in_use.subtract(policies)
 
     def served_models(self, replica: Replica | None = None) -> set[str]:
         """The model names a replica serves now, base and loaded adapters (``/v1/models``)."""
