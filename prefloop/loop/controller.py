@@ -316,7 +316,7 @@ class Loop:
         out = s.adapters_dir / name
         job = round_config(
             s, pairs=snapshot.path, out=out, model=self.base_model, seed=round_id,
-            init_adapter=None if parent == BASE or s.train_from == BASE
+            init_adapter=None if parent == BASE or s.train_from == "base"
             else Path(self.store.adapter(parent)["path"]))
         last_saved = [0.0]
 
