@@ -15,7 +15,7 @@ import pytest
 
 from prefloop.serving.vllm_server import group_alive
 from prefloop.storage.store import Store
-from tests.conftest import ServeProcess, wait_for
+from tests.conftest import ServeProcess, lora_adapter, metric_sum, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,29 +36,6 @@ def pair(server: ServeProcess, message: str, conversation_id: str | None = None)
 
 def vllm_pgid(data_dir: Path) -> int:
     return int((data_dir / "logs" / "vllm.pid").read_text())
-
-
-def lora_adapter(model: Path, folder: Path) -> Path:
-    """A real PEFT LoRA adapter on ``model`` (freshly initialised: it answers as the base)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
-        folder)
-    return folder
-
-
-def metric_sum(text: str, name: str) -> float:
-    """The sum of the samples called ``name`` in a Prometheus text page (KeyError if none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values = [sample.value for family in text_string_to_metric_families(text)
-              for sample in family.samples if sample.name == name]
-    if not values:
-        raise KeyError(name)
-    return sum(values)
 
 
 def metric(server: ServeProcess, name: str) -> float:

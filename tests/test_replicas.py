@@ -3,7 +3,7 @@
 is on every replica before it serves; a replica killed during a burst of pairs and votes
 loses no vote and causes no error without Retry-After, and pairs keep coming from the other;
 a replica that comes back is reconciled, then used again; an external replica missing an
-adapter gets it. The same with real vLLM replicas is for the slow tests (not written yet)."""
+adapter gets it. The same with real vLLM replicas: tests/test_replicas_vllm.py (slow)."""
 
 from __future__ import annotations
 
