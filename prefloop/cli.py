@@ -126,7 +126,10 @@ def status(settings: Settings, as_json: bool) -> None:
     else:  # each vLLM replica: up or down, its adapters, requests in flight
         try:
             stats = httpx.get(f"http://{host}:{settings.port}/api/v1/stats", timeout=3)
-            info["server"]["replicas"] = stats.json()["loop"]["replicas"]
+            loop = stats.json()["loop"]
+            info["server"]["replicas"] = loop["replicas"]
+            if loop.get("champion_engine"):  # champion_engine = "merged"
+                info["server"]["champion_engine"] = loop["champion_engine"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             pass  # an older server, or one without the loop
     if as_json:

@@ -23,6 +23,7 @@ from prefloop.trainer.settings import RoundConfig
 
 ENV_PREFIX = "PREFLOOP_"
 DEFAULT_CONFIG_FILE = "prefloop.toml"
+CHAMPION_ENGINES = ("lora", "merged")  # where the champion's own turns are answered
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,17 @@ class Settings:
     vllm_memory_fraction: float = _setting(0.3, "Fraction of (GPU or, on CPU, host) memory vLLM "
                                                 "may reserve (on CPU shared by the local "
                                                 "replicas).", lo=0.01, hi=0.99)
+    champion_engine: str = _setting(
+        "lora", "Where the champion's own turns (both answers from the champion) are "
+                "answered. lora: on the LoRA replicas, like duels. merged: on one more local "
+                "vLLM without LoRA that serves base as it is, or the champion's adapter "
+                "merged into the weights, switched blue-green when the champion changes "
+                "(on a CPU it takes a share of the cores; needs memory for two such engines "
+                "during a switch).", choices=CHAMPION_ENGINES)
+    champion_memory_fraction: float = _setting(
+        0.1, "Fraction of (GPU or, on CPU, host) memory each champion engine may reserve "
+             "(champion_engine = merged; two run at once during a switch).",
+        lo=0.01, hi=0.49)
     vllm_start_timeout: float = _setting(600.0, "Seconds to wait for vLLM to become healthy.",
                                          lo=1, hi=7200)
     max_model_len: int = _setting(2048, "Context window in tokens (prompt + answer).",
@@ -149,6 +161,11 @@ class Settings:
                                         lo=1, hi=1_000_000)
     replay_ratio: float = _setting(1.0, "Older pairs replayed per new pair in a round.",
                                    lo=0.0, hi=100.0)
+    train_from: str = _setting(
+        "champion", "Where a round starts: champion (its adapter trained further on the new "
+                    "pairs and the replay) or base (a new adapter fitted afresh to them, so a "
+                    "round does not inherit the KL its parent spent).",
+        choices=("champion", "base"))
     duel_share: float = _setting(0.5, "Share of new turns that duel candidate vs champion "
                                       "while a candidate exists.", lo=0.0, hi=1.0)
     baseline_share: float = _setting(0.1, "Share of new turns that duel the champion against "
@@ -228,6 +245,7 @@ class Settings:
                               f"{self.dataset_license!r}")
         _check_moderation(self)
         _check_replicas(self)
+        _check_champion_engine(self)
         if self.max_kl > 0 and self.kl_probe_prompts == 0:
             raise ConfigError(f"max_kl ({self.max_kl:g}) needs the KL probe: set "
                               "kl_probe_prompts above 0, or max_kl = 0 for no KL budget")
@@ -238,6 +256,12 @@ class Settings:
         if self.vllm_replicas is not None:
             return self.vllm_replicas
         return 0 if self.vllm_url else 1
+
+    @property
+    def local_engines(self) -> int:
+        """vLLM engines prefloop starts, the champion engine included: on a CPU they split
+        its cores."""
+        return self.local_replicas + (self.champion_engine == "merged")
 
     @property
     def external_vllms(self) -> list[tuple[str, str]]:
@@ -262,6 +286,11 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def merged_dir(self) -> Path:
+        """Champions merged into the base weights (``champion_engine = "merged"``)."""
+        return self.data_dir / "merged"
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -315,6 +344,18 @@ def _check_replicas(settings: Settings) -> None:
     if settings.vllm_port and last_port > 65535:
         raise ConfigError(f"vllm_port {settings.vllm_port}: {settings.local_replicas} "
                           f"replicas need ports up to {last_port}, above 65535")
+
+
+def _check_champion_engine(settings: Settings) -> None:
+    if settings.champion_engine != "merged" or settings.local_replicas == 0:
+        return
+    lora, plain = settings.vllm_memory_fraction, settings.champion_memory_fraction
+    if lora + 2 * plain > 0.95:
+        raise ConfigError(
+            f"champion_engine = \"merged\": vllm_memory_fraction ({lora:g}) + 2 x "
+            f"champion_memory_fraction ({plain:g}) is {lora + 2 * plain:g}, above 0.95: the "
+            "local replicas and two champion engines (old and new, during a switch) would "
+            "not fit; lower one of them")
 
 
 REMOVED = {

@@ -10,7 +10,9 @@ adapter with its path as ``root``; ``POST /v1/load_lora_adapter`` is 200 with a 
 /v1/unload_lora_adapter`` is 200, or 404 for an unknown name; a chat completion for a model
 it does not serve is 404. :meth:`StubServer.kill` ends it as SIGKILL ends vLLM: streams cut
 off (connection reset), new connections refused; a new ``stub_server(port=...)`` is the same
-replica restarted, with no adapters.
+replica restarted, with no adapters. With ``model_name`` set it serves its model under that
+name instead of ``base``, as a vLLM started with ``--served-model-name`` does (a champion
+engine).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class StubServer(ThreadingHTTPServer):
         # 0: before the first chunk, so the pair has no text yet.
         self.hold_after: int | None = None
         self.release = threading.Event()
+        self.model_name = "base"  # the name its model is served under (--served-model-name)
+        self.chat_status = 200  # another status: every chat completion fails with it
         self.adapters: dict[str, str] = {}  # LoRA name -> path, as vLLM's /v1/models lists
         self.refuse: set[str] = set()  # adapter names a load is refused for (400)
         self.served: Counter[str] = Counter()  # chat completion requests per model
@@ -92,7 +96,8 @@ class StubHandler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self._json(200, {})
         elif self.path == "/v1/models":
-            cards = [{"id": "base", "object": "model", "root": "/models/stub", "parent": None}]
+            cards = [{"id": self.server.model_name, "object": "model", "root": "/models/stub",
+                      "parent": None}]
             cards += [{"id": name, "object": "model", "root": path, "parent": "base"}
                       for name, path in list(self.server.adapters.items())]
             self._json(200, {"object": "list", "data": cards})
@@ -104,8 +109,11 @@ class StubHandler(BaseHTTPRequestHandler):
         self.server.hits[self.path] += 1
         if self.path.endswith("/chat/completions"):
             model = body.get("model", "base")
-            if model != "base" and model not in self.server.adapters:
+            if model != self.server.model_name and model not in self.server.adapters:
                 self._error(404, "NotFoundError", f"The model `{model}` does not exist.")
+                return
+            if self.server.chat_status != 200:
+                self._error(self.server.chat_status, "InternalServerError", "stub fails")
                 return
             self.server.served[model] += 1
             self.server.requests.append(body)
@@ -170,8 +178,23 @@ class StubHandler(BaseHTTPRequestHandler):
         self.connection.close()
         raise ConnectionAbortedError("stub killed")
 
+    def _answer(self, body: dict) -> None:
+        """A chat completion that is not streamed: every answer whole, in one body."""
+        n, seed = body.get("n", 1), body.get("seed", 0)
+        choices = [{"index": i, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": self._answer_text(i, seed)}} for i in range(n)]
+        self._json(200, {"id": "stub", "object": "chat.completion", "created": 0,
+                         "model": body.get("model", "stub"), "choices": choices})
+
+    def _answer_text(self, i: int, seed: int) -> str:
+        return (self.server.sides[i] if self.server.sides
+                else self.server.answers[(seed + i) % len(self.server.answers)])
+
     def _stream(self, body: dict) -> None:
         n, seed = body.get("n", 1), body.get("seed", 0)
+        if not body.get("stream"):
+            self._answer(body)
+            return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
@@ -180,8 +203,7 @@ class StubHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self._wait_or_die()
         for i in range(n):
-            text = (self.server.sides[i] if self.server.sides
-                    else self.server.answers[(seed + i) % len(self.server.answers)])
+            text = self._answer_text(i, seed)
             for word, last in _words(text):
                 choice = {"index": i, "delta": {"content": word},
                           "finish_reason": "stop" if last else None}

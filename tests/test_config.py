@@ -239,6 +239,8 @@ def test_env_ignores_other_variables_and_allows_admin_password() -> None:
     ("PREFLOOP_TOP_P", "0", "a number from 0.01 to 1"),
     ("PREFLOOP_DATA_DIR", "", "a folder path"),
     ("PREFLOOP_MAX_TOKENS", "", "an integer from 1 to 32768"),
+    ("PREFLOOP_TRAIN_FROM", "parent", "one of champion, base"),
+    ("PREFLOOP_TRAIN_KL_COEF", "-1", "a number from 0 to 100"),
 ])
 def test_env_bad_values_name_the_variable(var: str, text: str, allowed: str) -> None:
     """Unparsable and out-of-range values both name the variable and what is allowed."""

@@ -330,6 +330,29 @@ def test_promote_immediate_makes_each_new_adapter_champion(tmp_path: Path, vllm_
         rig.close()
 
 
+@pytest.mark.parametrize("train_from", ["champion", "base"])
+def test_a_round_starts_from_the_champion_or_afresh(train_from: str, tmp_path: Path,
+                                                    vllm_server, embedded_model: Path) -> None:
+    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model, train_from=train_from)
+    told = tmp_path / "argv.json"  # a stand-in trainer that records what it was told
+    rig.loop.trainer_command = (sys.executable, "-c", "import json, sys; json.dump(sys.argv[1:], "
+                                f"open({str(told)!r}, 'w')); sys.exit('stand-in')")
+    try:
+        fake_adapter(rig, "v0001")
+        rig.store.crown("v0001", "test")
+        vote_pairs(rig.store, 4)
+        rig.loop.run_round("admin")
+        argv = json.loads(told.read_text())
+        assert rig.store.rounds()[0]["parent"] == "v0001"
+        if train_from == "champion":
+            assert argv[argv.index("--init-adapter") + 1] == \
+                str(rig.settings.adapters_dir / "v0001")
+        else:
+            assert "--init-adapter" not in argv
+    finally:
+        rig.close()
+
+
 # -- failures -------------------------------------------------------------------------------
 
 

@@ -124,6 +124,35 @@ def test_a_new_adapter_is_on_every_replica_before_it_serves(rig: Rig,
     assert all(body["n"] == 2 for s in stubs for body in s.requests)
 
 
+def test_a_turn_holds_its_adapters_against_a_prune_between_plan_and_request(
+        rig: Rig, stubs: list[StubServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.crown("v0001")
+    path = make_adapter(rig.tmp_path / "adapters" / "v0002")
+    rig.store.add_adapter("v0002", path, None, "v0001")
+    rig.pool.load("v0002", path)
+    plan_turn = rig.loop.plan_turn
+
+    def planned_then_retired():  # the plan names v0001; a promotion and prune come next
+        plan = plan_turn()
+        if plan.policy_a == "v0001":
+            rig.loop.promote("v0002")
+            rig.pool.prune(keep={"v0002"})
+        return plan
+
+    monkeypatch.setattr(rig.loop, "plan_turn", planned_then_retired)
+    plan = rig.loop.hold_turn()
+    assert (plan.policy_a, plan.policy_b) == ("v0002", "v0002")  # planned again
+    assert not rig.pool.is_ready("v0001")
+    # Held: a prune now leaves it alone until the turn releases it.
+    assert rig.pool.prune(keep=set()) == []
+    assert rig.pool.is_ready("v0002")
+    rig.pool.release(plan.policy_a, plan.policy_b)
+    assert rig.pool.prune(keep=set()) == ["v0002"]
+    with TestClient(rig.app) as http:  # the page's turns still come, from base now
+        reply = http.post("/api/v1/pairs", json={"message": "Hi"})
+    assert reply.status_code == 200 and reply.json()["a"]["policy"] == "base", reply.text
+
+
 def test_an_adapter_a_replica_refuses_is_served_nowhere(rig: Rig,
                                                         stubs: list[StubServer]) -> None:
     stubs[1].refuse.add("prefloop-v0002")
@@ -212,6 +241,12 @@ def test_a_replica_killed_mid_burst_loses_nothing_and_comes_back(
         assert failed and all(r.status_code == 503 and r.headers["Retry-After"]
                               for r in failed), [(r.status_code, r.text) for r in broken]
         assert rig.store.counts()["pairs"] == before + len(ok)
+        # Healthy while one replica answers; 503 once none does.
+        assert http.get("/healthz").status_code == 200
+        stubs[1].kill()
+        health = http.get("/healthz")
+        assert health.status_code == 503, health.text
+        assert health.json() == {"database": True, "model": False}
     counts = rig.store.counts()
     assert counts["votes"] == 10  # every acknowledged vote is on disk
 

@@ -2,7 +2,8 @@
 adapter is on every replica before it serves; a replica SIGKILLed during a burst of pairs and
 votes loses no vote, causes no error without Retry-After, and pairs keep coming from the
 others; its supervisor restarts it and it gets the adapters again; an external replica
-missing an adapter is reconciled.
+missing an adapter is reconciled; SIGKILL of the serve itself takes its replicas with it and
+loses no acknowledged vote.
 
 One serve for the module (two vLLM starts are most of its time): two local replicas
 (``--vllm-replicas 2``: on a 2-core machine one core each) and the session's vLLM as an
@@ -29,7 +30,7 @@ import pytest
 
 from prefloop.config import ADMIN_PASSWORD_ENV
 from prefloop.serving.adapters import served_name
-from prefloop.serving.vllm_server import is_cpu_build
+from prefloop.serving.vllm_server import group_alive, is_cpu_build
 from prefloop.storage.store import Store
 from tests.conftest import (
     START_TIMEOUT,
@@ -263,3 +264,35 @@ def test_a_replica_killed_mid_burst_loses_nothing_and_comes_back_with_the_adapte
         wait_for(lambda: engine.tokens() > tokens, DEADLINE, "pairs on the restarted local-2")
     log = burst.log()
     assert not failures(log), failures(log)
+
+
+def test_a_killed_serve_takes_its_replicas_with_it_and_keeps_every_vote(
+        rig: Rig, external_args: list[str]) -> None:
+    """Last in the module (it ends the module's serve): SIGKILL of ``prefloop serve`` itself
+    during a burst of votes. Its replicas die with it, every acknowledged vote is on disk,
+    and the same data dir serves the same visitor again (here on the external replica
+    alone), the conversation where it was."""
+    first = rig.serve.http.post("/api/v1/pairs", json={"message": "Hello!"})
+    assert first.status_code == 200, first.text
+    conversation = first.json()["conversation_id"]
+    vote = rig.serve.http.post("/api/v1/votes", json={"pair_id": first.json()["pair_id"],
+                                                       "choice": "a"})
+    assert vote.status_code == 200, vote.text
+    pgids = [rig.local(i)[0] for i in range(2)]
+    with Burst(rig.url, clients=4) as burst:
+        wait_for(lambda: len(burst.acknowledged()) >= 4, DEADLINE, "acknowledged votes")
+        rig.serve.proc.send_signal(signal.SIGKILL)
+        rig.serve.proc.wait()
+    acknowledged = burst.acknowledged()
+    wait_for(lambda: not any(group_alive(p) for p in pgids), 120,
+             "the local replicas to die with their parent")
+    with sqlite3.connect(rig.data_dir / "prefloop.db") as db:
+        assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+    assert set(acknowledged) <= rig.stored("votes")
+
+    with ServeProcess.running(rig.data_dir, external_args) as again:
+        again.http.cookies = rig.serve.http.cookies  # the same visitor comes back
+        follow_up = again.http.post("/api/v1/pairs", json={
+            "message": "And then?", "conversation_id": conversation})
+        assert follow_up.status_code == 200, follow_up.text
+        assert follow_up.json()["conversation_id"] == conversation

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prefloop.trainer.cli import train_command
 from prefloop.trainer.batch import answer_logits, collate
+from prefloop.trainer.cli import train_command
 from prefloop.trainer.kl import KLEstimator, pair_token_kl
 from prefloop.trainer.round import load_policy, run_round
 from prefloop.trainer.tokenize import TokenizedPair

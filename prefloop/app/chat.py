@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import unicodedata
 from collections.abc import AsyncIterator, Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -128,14 +127,17 @@ class ChatService:
         history = (await asyncio.to_thread(self.store.messages, conversation_id)
                    if conversation_id else [])
         history.append({"role": "user", "content": text})
-        plan = (await asyncio.to_thread(self.loop.plan_turn) if self.loop
+        plan = (await asyncio.to_thread(self.loop.hold_turn) if self.loop
                 else TurnPlan(PairKind.SAMPLE, BASE, BASE))
         final: PairProgress | None = None
-        with self.loop.pool.using(plan.policy_a, plan.policy_b) if self.loop else nullcontext():
+        try:
             async for progress in self.sampler.stream(history, plan.policy_a, plan.policy_b,
                                                       seed=seed):
                 final = progress
                 yield Turn(conversation_id, progress, plan.kind)
+        finally:
+            if self.loop:
+                self.loop.pool.release(plan.policy_a, plan.policy_b)
         assert final is not None and final.done
         withheld: dict[str, str] = {}
         if self.moderator.active:

@@ -31,10 +31,12 @@ class StoreCollector(Collector):
     def __init__(self, store: Store, guard: Guard,
                  vllm_restarts: Callable[[], int | None] | None,
                  moderator: Moderator | None = None,
-                 replicas: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 replicas: Callable[[], list[dict[str, Any]]] | None = None,
+                 champion: Callable[[], dict[str, Any]] | None = None) -> None:
         self.store, self.guard, self.vllm_restarts = store, guard, vllm_restarts
         self.moderator = moderator
         self.replicas = replicas  # each vLLM replica's state (AdapterPool.status)
+        self.champion = champion  # the champion engine's (ChampionEngine.summary)
 
     def collect(self) -> Iterator[Metric]:
         counts = self.store.counts()
@@ -88,6 +90,8 @@ class StoreCollector(Collector):
                                     "moderation withheld.", value=self.store.count_withheld())
         if self.replicas is not None:
             yield from replica_metrics(self.replicas())
+        if self.champion is not None:
+            yield from champion_metrics(self.champion())
         if self.vllm_restarts is not None:
             yield CounterMetricFamily("prefloop_vllm_restarts", "Times the supervisor "
                                       "restarted vLLM after it died (and loaded the "
@@ -112,16 +116,38 @@ def replica_metrics(rows: list[dict[str, Any]]) -> Iterator[Metric]:
     yield from (up, busy, adapters)
 
 
+def champion_metrics(summary: dict[str, Any]) -> Iterator[Metric]:
+    """The champion engine: switches done and failed, each engine's start time and memory
+    (its replica row, ``kind="champion"``, says up and requests in flight)."""
+    yield CounterMetricFamily("prefloop_champion_engine_switches", "Blue-green switches of "
+                              "the champion engine that took the traffic.",
+                              value=summary["switches"])
+    yield CounterMetricFamily("prefloop_champion_engine_failed_switches", "Champion engines "
+                              "that did not start or answer (the traffic stayed where it "
+                              "was).", value=summary["failed_switches"])
+    start = GaugeMetricFamily("prefloop_champion_engine_start_seconds", "Seconds from the "
+                              "switch's start (merge included) to the engine's first answer.",
+                              labels=["replica", "policy"])
+    memory = GaugeMetricFamily("prefloop_champion_engine_memory_bytes", "Resident memory of "
+                               "a champion engine's processes.", labels=["replica", "policy"])
+    for row in summary["engines"]:
+        start.add_metric([row["name"], row["policy"]], row["start_seconds"])
+        if row["memory_bytes"] is not None:
+            memory.add_metric([row["name"], row["policy"]], row["memory_bytes"])
+    yield from (start, memory)
+
+
 class Metrics:
     """One registry per app (tests build many apps in one process)."""
 
     def __init__(self, store: Store, guard: Guard,
                  vllm_restarts: Callable[[], int | None] | None = None,
                  moderator: Moderator | None = None,
-                 replicas: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 replicas: Callable[[], list[dict[str, Any]]] | None = None,
+                 champion: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(StoreCollector(store, guard, vllm_restarts, moderator,
-                                              replicas))
+                                              replicas, champion))
         self.first_token = Histogram(
             "prefloop_first_token_seconds", "Time to the first token of a pair (the faster "
             "answer's: whichever side streams first).", ["kind"], buckets=LATENCY_BUCKETS,

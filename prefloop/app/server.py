@@ -30,7 +30,10 @@ from prefloop.app.privacy import load_terms
 from prefloop.app.privacy_api import privacy_routers
 from prefloop.config import Settings, admin_password
 from prefloop.loop.controller import Loop
+from prefloop.names import BASE
 from prefloop.serving.adapters import AdapterPool
+from prefloop.serving.champion import ChampionEngine
+from prefloop.serving.merged import ensure_merged
 from prefloop.serving.models import prepare_model
 from prefloop.serving.replicas import Replica, Replicas
 from prefloop.serving.sampler import PairSampler, Sampling
@@ -85,8 +88,10 @@ def create_app(settings: Settings, store: Store, sampler: PairSampler,
     """The whole web app over an open store and a sampler (and the loop, if it runs);
     starts nothing itself."""
     service = ChatService(settings, store, sampler, loop)
+    champion = loop.pool.champion_engine if loop is not None else None
     metrics = Metrics(store, service.guard, vllm_restarts, service.moderator,
-                      loop.pool.status if loop is not None else None)
+                      loop.pool.status if loop is not None else None,
+                      champion.summary if champion is not None else None)
     service.on_pair.append(metrics.observe_pair)
     health = httpx.AsyncClient(timeout=1.5)
 
@@ -161,6 +166,8 @@ class Runtime:
         """Stop in reverse order; the loop first, and its running round ends (recorded in
         the store) before the store closes."""
         self.loop.stop()
+        if self.loop.pool.champion_engine is not None:  # its engines are its own
+            self.loop.pool.champion_engine.close()
         self.loop.pool.close()  # the replicas' watcher first: it would see them stop
         for server in self.servers or ([self.vllm] if self.vllm else []):
             server.stop()
@@ -186,6 +193,7 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
     """
     store = Store(settings.db_path)
     servers: list[VLLMServer] = []
+    pool: AdapterPool | None = None
     try:
         model_path = prepare_model(settings.model, settings.models_dir, progress)
         replicas: list[Replica] = []
@@ -207,7 +215,12 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
                     functools.partial(pool.replicas.restarted, replica))
         loop = Loop(settings, store, pool, model_path)
         loop.start() if schedule else loop.recover()
+        if settings.champion_engine == "merged":  # after recover(): the champion is known
+            pool.champion_engine = _champion_engine(settings, model_path, store, pool)
+            pool.champion_engine.start()
     except BaseException:
+        if pool is not None and pool.champion_engine is not None:
+            pool.champion_engine.close()
         for server in servers:
             server.stop()
         store.close()
@@ -216,12 +229,41 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
                    tuple(servers))
 
 
+def _engine_env(settings: Settings, index: int) -> dict[str, str]:
+    """The cores (CPU) or GPU of local engine ``index``: the replicas, then the champion
+    engine (``champion_engine = "merged"``), each its own share."""
+    return replica_env(index, settings.local_engines, cpu_build=is_cpu_build(),
+                       cpus=sorted(os.sched_getaffinity(0)),
+                       visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _champion_engine(settings: Settings, model_path: Path, store: Store,
+                     pool: AdapterPool) -> ChampionEngine:
+    """The plain engine for the champion's own turns; not started."""
+    env = _engine_env(settings, settings.local_replicas)  # the share after the replicas'
+
+    def launch(model: Path, served: str, slot: str) -> VLLMServer:
+        return VLLMServer(model, settings.logs_dir,
+                          memory_fraction=settings.champion_memory_fraction,
+                          max_model_len=settings.max_model_len,
+                          start_timeout=settings.vllm_start_timeout, dtype=settings.serve_dtype,
+                          lora=False, name=f"vllm-champion-{slot}", env=env, served_name=served)
+
+    def model_for(policy: str) -> Path:
+        if policy == BASE:
+            return model_path
+        return ensure_merged(policy, Path(store.adapter(policy)["path"]), model_path,
+                             settings.merged_dir, max_rank=settings.lora_max_rank)
+
+    return ChampionEngine(launch, store.champion, model_for, pool.served_name,
+                          merged_dir=settings.merged_dir)
+
+
 def _vllm_server(settings: Settings, model_path: Path, index: int = 0) -> VLLMServer:
     """Local replica ``index`` (0: the vLLM a single-replica prefloop has always started)."""
     count = settings.local_replicas
     cpu_build = is_cpu_build()
-    env = replica_env(index, count, cpu_build=cpu_build, cpus=sorted(os.sched_getaffinity(0)),
-                      visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    env = _engine_env(settings, index)
     # On a CPU the memory fraction is of the host's memory, which the replicas share.
     fraction = settings.vllm_memory_fraction / (count if cpu_build else 1)
     return VLLMServer(model_path, settings.logs_dir,
@@ -239,7 +281,7 @@ def make_sampler(settings: Settings, runtime: Runtime,
         system_prompt=settings.system_prompt,
         sampling=sampling or Sampling(settings.temperature, settings.top_p,
                                       settings.max_tokens),
-        model_name=runtime.loop.pool.served_name)
+        model_name=runtime.loop.pool.served_name, champion=runtime.loop.pool.champion_engine)
 
 
 def check_app_settings(settings: Settings) -> None:

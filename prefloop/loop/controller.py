@@ -145,6 +145,17 @@ class Loop:
         return plan_turn(champion, candidate, self.settings.duel_share,
                          self.settings.baseline_share, self._rng)
 
+    def hold_turn(self) -> TurnPlan:
+        """:meth:`plan_turn` with its policies marked in use (``pool.release`` them when the
+        turn's answers are written): a prune between the plan and the request would unload an
+        adapter just retired. Planned again if that happened; base alone as the last resort."""
+        for _ in range(3):
+            plan = self.plan_turn()
+            if self.pool.hold(plan.policy_a, plan.policy_b):
+                return plan
+        self.pool.hold(BASE, BASE)
+        return TurnPlan(PairKind.SAMPLE, BASE, BASE)
+
     def after_vote(self, pair: dict[str, Any], client_id: str | None = None) -> str | None:
         """Called once a vote on ``pair`` is stored: review the voter, then run the
         promotion test if the pair was the candidate's duel with the champion, or the
@@ -305,7 +316,8 @@ class Loop:
         out = s.adapters_dir / name
         job = round_config(
             s, pairs=snapshot.path, out=out, model=self.base_model, seed=round_id,
-            init_adapter=None if parent == BASE else Path(self.store.adapter(parent)["path"]))
+            init_adapter=None if parent == BASE or s.train_from == "base"
+            else Path(self.store.adapter(parent)["path"]))
         last_saved = [0.0]
 
         def on_event(event: dict[str, Any]) -> None:

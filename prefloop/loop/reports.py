@@ -93,6 +93,8 @@ class Reports:
                 "champion": store.champion(), "candidate": store.candidate(),
                 "round": running, "loaded": sorted(loop.pool.loaded),
                 "replicas": loop.pool.status(),
+                "champion_engine": (loop.pool.champion_engine.summary()
+                                    if loop.pool.champion_engine is not None else None),
                 "new_trainable_votes": store.count_trainable(store.last_trained_vote()),
                 "min_new_pairs": s.min_new_pairs,
                 "train_every_minutes": s.train_every,

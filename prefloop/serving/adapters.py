@@ -19,10 +19,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefloop.names import BASE
 from prefloop.serving.replicas import AdapterError, Replica, Replicas, ServerUnreachable
 from prefloop.serving.vllm_server import Endpoint
+
+if TYPE_CHECKING:  # champion.py imports merged.py, which imports this module
+    from prefloop.serving.champion import ChampionEngine
 
 __all__ = ["AdapterError", "AdapterPool", "ServerUnreachable", "check_adapter", "served_name"]
 
@@ -109,6 +113,9 @@ class AdapterPool:
             else Replicas.single(engines, self.owns, timeout=timeout)
         self._lock = threading.Lock()
         self._in_use: Counter[str] = Counter()
+        # The plain engine for the champion's own turns (champion_engine = "merged"), shown
+        # in status beside the replicas; set by whoever starts it.
+        self.champion_engine: ChampionEngine | None = None
 
     def owns(self, name: str) -> bool:
         """True for the served names of this prefloop's adapters."""
@@ -197,8 +204,21 @@ class AdapterPool:
         try:
             yield
         finally:
-            with self._lock:
-                self._in_use.subtract(policies)
+            self.release(*policies)
+
+    def hold(self, *policies: str) -> bool:
+        """Mark ``policies`` in use if every one is ready now, in one step with the check (a
+        :meth:`prune` sees either the mark or no adapter to route to); True when held:
+        :meth:`release` them when the request ends."""
+        with self._lock:
+            if not all(self.is_ready(p) for p in policies):
+                return False
+            self._in_use.update(policies)
+            return True
+
+    def release(self, *policies: str) -> None:
+        with self._lock:
+            self._in_use.subtract(policies)
 
     def served_models(self, replica: Replica | None = None) -> set[str]:
         """The model names a replica serves now, base and loaded adapters (``/v1/models``)."""
@@ -206,7 +226,9 @@ class AdapterPool:
         return set(replica.models(self.replicas.probe_timeout))
 
     def status(self) -> list[dict]:
-        """Each replica: up or down, its adapters (as policies), requests in flight."""
+        """Each replica: up or down, its adapters (as policies), requests in flight; then
+        each champion engine (kind ``champion``: its policy, start time and memory)."""
         start = len(self.prefix) + 1
-        return [{**row, "adapters": [n[start:] for n in row["adapters"] if self.owns(n)]}
+        rows = [{**row, "adapters": [n[start:] for n in row["adapters"] if self.owns(n)]}
                 for row in self.replicas.status()]
+        return rows + (self.champion_engine.rows() if self.champion_engine else [])

@@ -8,6 +8,10 @@ Both answers of a pair come from one vLLM replica (``serving/replicas.py``): the
 that serves both policies. A replica that fails before either answer has any text is taken
 out and the pair starts again on another; one that fails later ends the pair with a
 :class:`SamplingError` (a visitor saw half an answer: it is not replaced behind their back).
+
+With a champion engine (``serving/champion.py``), a pair whose two answers come from one
+policy goes to it when it serves that policy (the champion's own turns), and to the LoRA
+replicas otherwise or when it fails before any text.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from openai import AsyncOpenAI
 
 from prefloop.names import BASE
 from prefloop.serving.adapters import served_name
+from prefloop.serving.champion import ChampionEngine
 from prefloop.serving.context import ContextTooLong, Messages, fit_context, with_system_prompt
 from prefloop.serving.replicas import NoReplica, Replica, Replicas
 from prefloop.serving.vllm_server import Endpoint
@@ -87,21 +92,25 @@ class PairSampler:
     """Samples answer pairs from OpenAI-compatible servers (vLLM replicas).
 
     ``engines``: one :class:`Endpoint` (one server, as before replicas) or the
-    :class:`Replicas` the adapter pool keeps in sync.
+    :class:`Replicas` the adapter pool keeps in sync; ``champion``: the plain engine that
+    takes the champion's own turns, if any.
     """
 
     def __init__(self, engines: Endpoint | Replicas, *, sampling: Sampling,
                  max_model_len: int, system_prompt: str = "", request_timeout: float = 300.0,
-                 model_name: Callable[[str], str] = served_name) -> None:
+                 model_name: Callable[[str], str] = served_name,
+                 champion: ChampionEngine | None = None) -> None:
         self.replicas = engines if isinstance(engines, Replicas) else Replicas.single(
             engines, lambda name: False)
+        self.champion = champion
         self.model_name = model_name  # policy -> the name vLLM serves it under
         self.sampling = sampling
         self.max_model_len = max_model_len
         self.system_prompt = system_prompt
         self.request_timeout = request_timeout
-        # Per replica (by URL), made on first use: an HTTP pool and the OpenAI client on it.
-        self._clients: dict[str, tuple[AsyncOpenAI, httpx.AsyncClient]] = {}
+        # Per replica (by URL and key: a champion engine started later may get a port an
+        # earlier one had), made on first use: an HTTP pool and the OpenAI client on it.
+        self._clients: dict[Endpoint, tuple[AsyncOpenAI, httpx.AsyncClient]] = {}
 
     @property
     def endpoint(self) -> Endpoint:
@@ -110,13 +119,13 @@ class PairSampler:
 
     def _client(self, replica: Replica) -> tuple[AsyncOpenAI, httpx.AsyncClient]:
         endpoint = replica.endpoint
-        if endpoint.url not in self._clients:
-            self._clients[endpoint.url] = (
+        if endpoint not in self._clients:
+            self._clients[endpoint] = (
                 AsyncOpenAI(base_url=endpoint.v1, api_key=endpoint.api_key,
                             timeout=self.request_timeout, max_retries=0),
                 httpx.AsyncClient(timeout=30.0,
                                   headers={"Authorization": f"Bearer {endpoint.api_key}"}))
-        return self._clients[endpoint.url]
+        return self._clients[endpoint]
 
     @property
     def client(self) -> AsyncOpenAI:
@@ -139,15 +148,32 @@ class PairSampler:
         response.raise_for_status()
         return int(response.json()["count"])
 
-    async def prepare(self, history: Messages,
-                      replica: Replica | None = None) -> tuple[Messages, int]:
+    async def prepare(self, history: Messages, replica: Replica | None = None,
+                      policy: str = BASE) -> tuple[Messages, int]:
         """The messages to send for ``history`` (system prompt added, oldest turns cut)."""
         messages = with_system_prompt(self.system_prompt, history)
         budget = self.max_model_len - self.sampling.max_tokens
-        count = functools.partial(self.count_tokens, replica=replica)
+        # A champion engine serves its policy's name alone (the same tokenizer as base).
+        model = self.model_name(policy) if replica is not None and self._plain(replica) \
+            else BASE
+        count = functools.partial(self.count_tokens, model=model, replica=replica)
         return await fit_context(messages, budget, count)
 
+    def _plain(self, replica: Replica) -> bool:
+        """True for a champion engine's replica (not one of the LoRA replicas)."""
+        return self.champion is not None and self.champion.owns(replica)
+
+    def _release(self, replica: Replica) -> None:
+        if self.champion is not None and self.champion.owns(replica):
+            self.champion.release(replica)
+        else:
+            self.replicas.release(replica)
+
     def _route(self, policies: set[str], tried: list[Replica]) -> Replica:
+        if self.champion is not None and len(policies) == 1:  # the champion's own turns
+            [policy] = policies
+            if (plain := self.champion.acquire(self.model_name(policy), tried)) is not None:
+                return plain
         try:
             return self.replicas.acquire({self.model_name(p) for p in policies}, tried)
         except NoReplica as exc:
@@ -178,14 +204,14 @@ class PairSampler:
                 tried.append(replica)
                 log.warning("pair moved off replica %s: %s", replica.name, exc)
             finally:
-                self.replicas.release(replica)
+                self._release(replica)
 
     async def _stream_on(self, replica: Replica, history: Messages, policy_a: str,
                          policy_b: str, seed: int,
                          started: float) -> AsyncIterator[PairProgress]:
         """:meth:`stream` on one replica; :class:`_Failover` when it fails before any text."""
         try:
-            messages, dropped = await self.prepare(history, replica)  # may raise ContextTooLong
+            messages, dropped = await self.prepare(history, replica, policy_a)  # ContextTooLong
         except httpx.HTTPError as exc:
             raise self._failure(replica, exc, started=False) from exc
         progress = PairProgress(Side(policy_a, seed), Side(policy_b, seed + 1),
@@ -253,6 +279,10 @@ class PairSampler:
         # failed request fails alone, as before replicas.
         if not (broke or missing) or not self.replicas.others_up(replica):
             return _as_sampling_error(exc)
+        if self.champion is not None and self.champion.owns(replica):
+            # Out of routing: the LoRA replicas take the champion's turns meanwhile.
+            self.champion.failed(replica, f"a request failed: {_short(repr(exc))}")
+            return _as_sampling_error(exc) if started else _Failover(_short(repr(exc)))
         if broke:
             self.replicas.failed(replica, f"a request failed: {_short(repr(exc))}")
         for policy in getattr(exc, "prefloop_policies", ()):
@@ -275,12 +305,12 @@ class PairSampler:
                 tried.append(replica)
                 log.warning("answer moved off replica %s: %s", replica.name, exc)
             finally:
-                self.replicas.release(replica)
+                self._release(replica)
 
     async def _answer_on(self, replica: Replica, history: Messages, policy: str,
                          seed: int) -> Side:
         try:
-            messages, _ = await self.prepare(history, replica)  # may raise ContextTooLong
+            messages, _ = await self.prepare(history, replica, policy)  # may raise ContextTooLong
             reply = await self._client(replica)[0].chat.completions.create(
                 model=self.model_name(policy), messages=messages, n=1, seed=seed,
                 temperature=self.sampling.temperature, top_p=self.sampling.top_p,

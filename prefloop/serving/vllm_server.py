@@ -117,6 +117,29 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def group_rss(pgid: int) -> int | None:
+    """Resident memory in bytes of the processes of group ``pgid`` (vLLM's server, engine
+    core and workers), from /proc; None where nothing of it is left or /proc is absent."""
+    page, total, found = os.sysconf("SC_PAGE_SIZE"), 0, False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            # After the command name (in parentheses, may hold spaces): state, ppid, pgrp.
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            total += int(Path(f"/proc/{entry}/statm").read_text().split()[1]) * page
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return total if found else None
+
+
 def replica_env(index: int, count: int, *, cpu_build: bool, cpus: list[int],
                 visible_gpus: str | None) -> dict[str, str]:
     """What replica ``index`` of ``count`` local ones adds to its environment so that they
@@ -142,8 +165,9 @@ def replica_env(index: int, count: int, *, cpu_build: bool, cpus: list[int],
 
 
 class VLLMServer:
-    """A supervised vLLM OpenAI server serving ``model_path`` as ``base`` in ``dtype``
-    (see :meth:`pick_dtype`), LoRA enabled unless ``lora`` is false.
+    """A supervised vLLM OpenAI server serving ``model_path`` as ``served_name`` (``base``
+    unless told) in ``dtype`` (see :meth:`pick_dtype`), LoRA enabled unless ``lora`` is
+    false.
 
     ``start()`` blocks until vLLM answers ``/health`` or raises :class:`VLLMError` with the
     tail of its log. A watcher thread restarts vLLM if it dies and then calls the
@@ -155,7 +179,7 @@ class VLLMServer:
                  lora_max_rank: int = 16, lora_slots: int = 4, start_timeout: float = 600.0,
                  dtype: str = "auto", lora: bool = True,
                  extra_args: list[str] | None = None, name: str = "vllm",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, served_name: str = BASE) -> None:
         """``name``: of its log and pid files in ``run_dir`` (one per replica); ``env``:
         added to its environment (a replica's cores or GPU, see :func:`replica_env`)."""
         self.model_path = Path(model_path)
@@ -168,6 +192,7 @@ class VLLMServer:
         self.start_timeout = start_timeout
         self.dtype = self.pick_dtype(dtype)
         self.lora = lora
+        self.served_name = served_name
         self.extra_args = list(extra_args or [])
         self.extra_env = dict(env or {})
         self.api_key = secrets.token_hex(24)  # hex: never starts with "-"
@@ -191,7 +216,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_path), "--served-model-name", BASE,
+            "--model", str(self.model_path), "--served-model-name", self.served_name,
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
             "--max-model-len", str(self.max_model_len),
             "--gpu-memory-utilization", str(self.memory_fraction),
