@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from prefloop.config import Settings
 from prefloop.hardware import NO_NATIVE_BF16_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +36,10 @@ ANSWER_TIMEOUT_MS = 300_000  # a pair of answers written by vLLM, shown in the p
 # Prompts of the KL probe after a test's round (16 as shipped): scoring its answers twice is
 # most of a short round's time. tests/test_kl_probe.py and the `trained` loop use 16.
 PROBE_PROMPTS = 4
+# Adapter names of a `prefloop serve` are PREFIX-vNNNN: the setting's default, unless
+# ServeProcess gives it one of its own.
+ADAPTER_PREFIX = next(f.default for f in dataclasses.fields(Settings)
+                      if f.name == "adapter_prefix")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by it
@@ -46,14 +52,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.vllm)
 
 
-@pytest.fixture
-def own_vllm_turn() -> Iterator[None]:
-    """Held by a test while `prefloop serve` runs its own vLLM: `make test`'s two processes
-    then never run two of those at once beside the session's (memory for three is short)."""
+@contextmanager
+def own_vllm_lock() -> Iterator[None]:
+    """Held while `prefloop serve` runs its own vLLM (or replicas): `make test`'s two
+    processes then never run two of those at once beside the session's (memory for three
+    is short)."""
     from filelock import FileLock
 
     CACHE.mkdir(parents=True, exist_ok=True)
     with FileLock(CACHE / ".own-vllm.lock"):
+        yield
+
+
+@pytest.fixture
+def own_vllm_turn() -> Iterator[None]:
+    """:func:`own_vllm_lock` for one test."""
+    with own_vllm_lock():
         yield
 
 
@@ -117,8 +131,10 @@ class ServeProcess:
         self.http = httpx.Client(base_url=self.url, timeout=120)
         self.log = data_dir / "serve.log"
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.adapter_prefix = ADAPTER_PREFIX
         if "--vllm-url" in args:  # adapters of servers sharing one vLLM need their own names
-            args = [*args, "--adapter-prefix", f"s{self.port}"]
+            self.adapter_prefix = f"s{self.port}"
+            args = [*args, "--adapter-prefix", self.adapter_prefix]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "prefloop", "serve", "--data-dir", str(data_dir),
@@ -164,6 +180,31 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def lora_adapter(model: Path, folder: Path) -> Path:
+    """A real PEFT LoRA adapter on ``model`` (freshly initialised: it answers as the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        folder)
+    return folder
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` (with these label values) in a Prometheus text
+    page (KeyError if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == name
+              and all(sample.labels.get(k) == v for k, v in labels.items())]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
 
 
 @contextmanager

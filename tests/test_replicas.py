@@ -3,7 +3,7 @@
 is on every replica before it serves; a replica killed during a burst of pairs and votes
 loses no vote and causes no error without Retry-After, and pairs keep coming from the other;
 a replica that comes back is reconciled, then used again; an external replica missing an
-adapter gets it. The same with real vLLM replicas is for the slow tests (not written yet)."""
+adapter gets it. The same with real vLLM replicas: tests/test_replicas_vllm.py (slow)."""
 
 from __future__ import annotations
 
@@ -241,6 +241,12 @@ def test_a_replica_killed_mid_burst_loses_nothing_and_comes_back(
         assert failed and all(r.status_code == 503 and r.headers["Retry-After"]
                               for r in failed), [(r.status_code, r.text) for r in broken]
         assert rig.store.counts()["pairs"] == before + len(ok)
+        # Healthy while one replica answers; 503 once none does.
+        assert http.get("/healthz").status_code == 200
+        stubs[1].kill()
+        health = http.get("/healthz")
+        assert health.status_code == 503, health.text
+        assert health.json() == {"database": True, "model": False}
     counts = rig.store.counts()
     assert counts["votes"] == 10  # every acknowledged vote is on disk
 
