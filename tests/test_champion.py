@@ -3,7 +3,8 @@
 duels to the LoRA replica; the blue-green switch loses no request (the old engine drains,
 then stops); a failed start leaves the traffic where it was and shows in status and
 /metrics; a plain engine that dies hands its turns to the LoRA replica. Nothing here starts
-a real vLLM (see docs/DEVELOPMENT.md: the real-engine test is not yet in the suite)."""
+a real vLLM: tests/test_champion_vllm.py serves a merged adapter on one, and
+bench/champion.py runs the switch under load (docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
