@@ -270,6 +270,7 @@ def main() -> None:
                         str(data_dir)], check=True, env=env)
         serve = ServeProcess(data_dir, [
             "--model", str(model), "--max-tokens", "32", "--promote", "immediate",
+            "--champion-engine", "lora",  # the LoRA replica's swap; merged: bench/champion.py
             "--duel-share", "0", "--baseline-share", "0", "--train-every", "10000",
             "--train-epochs", "1"], env=env)
         try:

@@ -328,6 +328,7 @@ def main() -> None:
         env = os.environ | {"PREFLOOP_ADMIN_PASSWORD": PASSWORD, "HF_HUB_OFFLINE": "1"}
         serve = ServeProcess(data_dir, [
             "--model", str(model), "--max-tokens", "32", "--promote", "immediate",
+            "--champion-engine", "lora",  # the LoRA replica's swap; merged: bench/champion.py
             "--duel-share", "0", "--baseline-share", "0", "--train-every", "10000",
             "--train-epochs", "1"], env=env)
         try:

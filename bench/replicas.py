@@ -211,7 +211,8 @@ def run_one(replicas: int, model: Path, args: argparse.Namespace) -> Run:
                         str(data_dir)], check=True, env=env)
         started = time.monotonic()
         serve = ServeProcess(data_dir, [
-            "--model", str(model), "--vllm-replicas", str(replicas), "--max-tokens", "32",
+            "--model", str(model), "--vllm-replicas", str(replicas), "--champion-engine", "lora",
+            "--max-tokens", "32",
             "--promote", "immediate", "--duel-share", "0", "--baseline-share", "0",
             "--train-every", "10000", "--train-epochs", "1", "--kl-probe-prompts", "0",
             "--max-kl", "0", "--pairs-per-minute", "0", "--votes-per-minute", "0"], env=env)

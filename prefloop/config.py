@@ -23,7 +23,7 @@ from prefloop.trainer.settings import RoundConfig
 
 ENV_PREFIX = "PREFLOOP_"
 DEFAULT_CONFIG_FILE = "prefloop.toml"
-CHAMPION_ENGINES = ("lora", "merged")  # where the champion's own turns are answered
+CHAMPION_ENGINES = ("auto", "lora", "merged")  # where the champion's own turns are answered
 
 
 class ConfigError(ValueError):
@@ -84,12 +84,15 @@ class Settings:
                                                 "may reserve (on CPU shared by the local "
                                                 "replicas).", lo=0.01, hi=0.99)
     champion_engine: str = _setting(
-        "lora", "Where the champion's own turns (both answers from the champion) are "
+        "auto", "Where the champion's own turns (both answers from the champion) are "
                 "answered. lora: on the LoRA replicas, like duels. merged: on one more local "
                 "vLLM without LoRA that serves base as it is, or the champion's adapter "
                 "merged into the weights, switched blue-green when the champion changes "
                 "(on a CPU it takes a share of the cores; needs memory for two such engines "
-                "during a switch).", choices=CHAMPION_ENGINES)
+                "during a switch). auto: merged on vLLM's CPU build when prefloop starts its "
+                "own replicas and a core is left for it, else lora (a GPU's LoRA kernels are "
+                "cheap; external replicas are not prefloop's to add to).",
+        choices=CHAMPION_ENGINES)
     champion_memory_fraction: float = _setting(
         0.1, "Fraction of (GPU or, on CPU, host) memory each champion engine may reserve "
              "(champion_engine = merged; two run at once during a switch).",
@@ -259,9 +262,25 @@ class Settings:
 
     @property
     def local_engines(self) -> int:
-        """vLLM engines prefloop starts, the champion engine included: on a CPU they split
-        its cores."""
+        """vLLM engines prefloop starts, the champion engine included (``auto`` counted as
+        :meth:`resolve_champion_engine` makes it): on a CPU they split its cores."""
         return self.local_replicas + (self.champion_engine == "merged")
+
+    def resolve_champion_engine(self, *, cpu_build: bool, cores: int) -> Settings:
+        """These settings with ``champion_engine = "auto"`` made ``merged`` or ``lora``.
+
+        ``merged`` where it pays and fits: vLLM's CPU build (an engine with LoRA enabled
+        answers base 1.4x and an adapter 2.8x slower than a plain one; on a GPU the LoRA
+        kernels cost little), replicas that prefloop starts itself (at least one, and the
+        champion engine is one more local process, which a deployment on external replicas
+        did not ask for), a core for each engine, and memory for the replicas and two champion
+        engines (old and new during a switch). Anything else: ``lora``."""
+        if self.champion_engine != "auto":
+            return self
+        fits = self.vllm_memory_fraction + 2 * self.champion_memory_fraction <= 0.95
+        merged = (cpu_build and self.local_replicas >= 1 and cores >= self.local_replicas + 1
+                  and fits)
+        return dataclasses.replace(self, champion_engine="merged" if merged else "lora")
 
     @property
     def external_vllms(self) -> list[tuple[str, str]]:

@@ -285,7 +285,7 @@ def test_close_stops_every_engine(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"champion_engine": "fast"}, "--champion-engine: expected one of lora, merged"),
+    ({"champion_engine": "fast"}, "--champion-engine: expected one of auto, lora, merged"),
     ({"champion_engine": "merged", "vllm_memory_fraction": 0.5,
       "champion_memory_fraction": 0.3}, "two champion engines"),
     ({"champion_memory_fraction": "0.6"}, "--champion-memory-fraction: expected a number"),
@@ -304,6 +304,45 @@ def test_the_champion_engine_is_one_more_local_engine() -> None:
     assert load_settings(env={}, overrides={
         "champion_engine": "merged", "vllm_url": ("http://a:1",),
         "vllm_memory_fraction": 0.9}).local_engines == 1
+
+
+def test_auto_is_merged_on_a_cpu_build_with_an_own_replica_and_a_core_to_spare() -> None:
+    """The default: the measured speed-up (docs/BENCHMARKS.md, "The champion engine") where
+    it applies; the LoRA replicas everywhere else."""
+    def picked(cpu_build: bool, cores: int, **overrides: object) -> str:
+        settings = load_settings(env={}, overrides=overrides)
+        return settings.resolve_champion_engine(cpu_build=cpu_build, cores=cores).champion_engine
+
+    assert load_settings(env={}).champion_engine == "auto"
+    assert picked(True, 2) == "merged"
+    resolved = load_settings(env={}).resolve_champion_engine(cpu_build=True, cores=2)
+    assert resolved.local_engines == 2
+    assert picked(False, 64) == "lora"  # a GPU build: its LoRA kernels are cheap
+    assert picked(True, 1) == "lora"  # no core to give it
+    assert picked(True, 2, vllm_replicas=2) == "lora"  # the replicas have both cores
+    assert picked(True, 3, vllm_replicas=2) == "merged"
+    assert picked(True, 8, vllm_url=("http://a:1",)) == "lora"  # no replica of our own
+    assert picked(True, 8, vllm_memory_fraction=0.9) == "lora"  # two engines would not fit
+    # Asked for by name: kept, whatever the machine.
+    assert picked(False, 1, champion_engine="merged") == "merged"
+    assert picked(True, 8, champion_engine="lora") == "lora"
+
+
+def test_a_simulation_keeps_the_champion_on_the_lora_replica(monkeypatch, tmp_path) -> None:
+    from prefloop.sim import simulate
+
+    seen: list[str] = []
+
+    def start_runtime(settings: Settings, *args: object, **kwargs: object) -> None:
+        seen.append(settings.champion_engine)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(simulate, "start_runtime", start_runtime)
+    for asked, used in (("auto", "lora"), ("merged", "merged")):
+        with pytest.raises(RuntimeError, match="stop here"):
+            simulate.run_simulation(Settings(data_dir=tmp_path, champion_engine=asked),
+                                    None, None, tmp_path)  # type: ignore[arg-type]
+        assert seen[-1] == used
 
 
 def test_group_memory_is_read_from_proc() -> None:

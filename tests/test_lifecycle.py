@@ -1,4 +1,4 @@
-"""`prefloop serve` owning its vLLM: SIGTERM stops everything.
+"""`prefloop serve` owning its vLLMs: SIGTERM stops everything.
 
 A vLLM killed mid-stream (503 with Retry-After, restarted, its adapters loaded again) and
 SIGKILL of the serve during a burst of votes (nothing acknowledged lost, no vLLM left behind,
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prefloop.serving.vllm_server import group_alive
-from tests.conftest import ServeProcess
+from tests.conftest import START_TIMEOUT, ServeProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +22,28 @@ def vllm_pgid(data_dir: Path) -> int:
     return int((data_dir / "logs" / "vllm.pid").read_text())
 
 
+def champion_pid_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "logs").glob("vllm-champion-*.pid"))
+
+
 def test_sigterm_stops_vllm_too(tmp_path: Path, embedded_model: Path, own_vllm_turn):
+    """Both engines: the LoRA replica and the champion's plain engine, SIGTERMed while the
+    latter is still starting (it starts after the page is up)."""
     data_dir = tmp_path / "data"
-    server = ServeProcess(data_dir, ["--model", str(embedded_model)])
+    server = ServeProcess(data_dir, ["--model", str(embedded_model),
+                                     "--champion-engine", "merged"])
     try:
         server.wait_ready()
         pgid = vllm_pgid(data_dir)
         assert group_alive(pgid)
+        wait_for(lambda: champion_pid_files(data_dir), START_TIMEOUT,
+                 "the champion engine to be launched")
+        champion = int(champion_pid_files(data_dir)[0].read_text())
+        assert group_alive(champion) and champion != pgid
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=120) == 0
     finally:
         server.stop()
-    assert not group_alive(pgid)
+    assert not group_alive(pgid) and not group_alive(champion)
     assert not (data_dir / "logs" / "vllm.pid").exists()
+    assert champion_pid_files(data_dir) == []

@@ -142,7 +142,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path,
         store.add_adapter("v0001", first, None, "base")
         store.crown("v0001", "test")
     endpoint = vllm_server.endpoint
-    args = ["--model", str(embedded_model), "--vllm-replicas", "2",
+    args = ["--model", str(embedded_model), "--vllm-replicas", "2", "--champion-engine", "lora",
             "--vllm-memory-fraction", str(memory_fraction(2)),
             "--vllm-url", endpoint.url, "--vllm-api-key", endpoint.api_key,
             "--max-tokens", "32", "--duel-share", "0", "--baseline-share", "0",

@@ -191,6 +191,7 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
 
     The base model is prepared locally in every case: the trainer needs its files.
     """
+    settings = resolve_settings(settings)
     store = Store(settings.db_path)
     servers: list[VLLMServer] = []
     pool: AdapterPool | None = None
@@ -217,6 +218,9 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
         loop.start() if schedule else loop.recover()
         if settings.champion_engine == "merged":  # after recover(): the champion is known
             pool.champion_engine = _champion_engine(settings, model_path, store, pool)
+            progress(f"starting the champion's engine without LoRA (log: "
+                     f"{settings.logs_dir}/vllm-champion-*.log); the LoRA replicas answer "
+                     "the champion until it is up")
             pool.champion_engine.start()
     except BaseException:
         if pool is not None and pool.champion_engine is not None:
@@ -227,6 +231,13 @@ def start_runtime(settings: Settings, progress: Callable[[str], None] = print,
         raise
     return Runtime(store, replicas[0].endpoint, servers[0] if servers else None, loop,
                    tuple(servers))
+
+
+def resolve_settings(settings: Settings) -> Settings:
+    """``champion_engine = "auto"`` made ``merged`` or ``lora`` for this machine's vLLM
+    build and cores (:meth:`~prefloop.config.Settings.resolve_champion_engine`)."""
+    return settings.resolve_champion_engine(cpu_build=is_cpu_build(),
+                                            cores=len(os.sched_getaffinity(0)))
 
 
 def _engine_env(settings: Settings, index: int) -> dict[str, str]:
@@ -295,6 +306,7 @@ def check_app_settings(settings: Settings) -> None:
 def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     """Run the page and API until SIGINT/SIGTERM, then stop vLLM; no process is left."""
     check_app_settings(settings)
+    settings = resolve_settings(settings)
     # SIGTERM while vLLM starts must still stop it: turn it into KeyboardInterrupt until
     # uvicorn installs its own handlers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -59,7 +59,13 @@ class SimulationPlan:
 
 def run_simulation(settings: Settings, plan: SimulationPlan, oracle: Oracle, report_dir: Path,
                    progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole simulation and write its report; returns the report as a dict."""
+    """Run the whole simulation and write its report; returns the report as a dict.
+
+    ``champion_engine = "auto"`` is ``lora`` here: a simulation's traffic is duels and the
+    held-out comparison with base, all on the LoRA replica; a champion engine would only take
+    cores from it (``merged``, when asked for, is kept)."""
+    if settings.champion_engine == "auto":
+        settings = dataclasses.replace(settings, champion_engine="lora")
     runtime = start_runtime(settings, log, schedule=False)
     try:
         return asyncio.run(_simulate(settings, runtime, plan, oracle, report_dir, progress, log))
