@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def test_load_with_a_round_and_a_swap(tmp_path: Path, external_args: list[str]) -> None:
     data_dir = tmp_path / "data"
     server = ServeProcess(data_dir, [
-        *external_args, "--max-tokens", "24", "--max-generations", "3",
+        *external_args, "--max-tokens", "16", "--max-generations", "3", "--kl-probe-prompts", "4",
         "--promote", "immediate", "--duel-share", "0", "--baseline-share", "0",
         "--train-every", "10000", "--train-epochs", "1"],
         env={"PREFLOOP_ADMIN_PASSWORD": PASSWORD, "HF_HUB_OFFLINE": "1", **os.environ})
