@@ -10,6 +10,10 @@ copied to docs/sim/<section>/.
     # issue 14: the product's training defaults over seeds, win-rate and KL per token
     .venv/bin/python bench/simulate.py --oracle sentiment --seeds 0 1 2 --label defaults \
         -- --promote immediate --max-tokens 40 --temperature 1.0
+    # more seeds of a recipe later: the seeds kept under bench/results/ with the same flags
+    # join the section and its means
+    .venv/bin/python bench/simulate.py --oracle sentiment --seeds 1 2 --label defaults \
+        -- --promote immediate --max-tokens 40 --temperature 1.0
     # issue 13: nothing to learn, three seeds; at most one of the candidates crowned
     .venv/bin/python bench/simulate.py --oracle random --seeds 1 2 3 -- --promote duel
     # issue 13: a crowd with random and side voters still promotes; the side voter flagged
@@ -72,6 +76,21 @@ def run(oracle: str, seed: int, args: argparse.Namespace, plots: Path,
                     plots.mkdir(parents=True, exist_ok=True)
                     shutil.copy(report_dir / name, plots / f"{prefix}{name}")
     return report, text, minutes
+
+
+def kept_runs(folder: Path, flags: list[str],
+              exclude: list[int]) -> dict[int, tuple[dict, str | None, float]]:
+    """Seeds of a recipe run before with the same flags (``bench/results/<section>/``): seed ->
+    (its measures as a report, its report text if kept, minutes)."""
+    runs = {}
+    for path in sorted(folder.glob("seed*.json")):
+        kept = json.loads(path.read_text())
+        if kept["flags"] != flags or kept["seed"] in exclude:
+            continue
+        text = path.with_suffix(".md")
+        runs[kept["seed"]] = ({"seed": kept["seed"], "noise": {}, "points": kept["points"]},
+                              text.read_text() if text.exists() else None, kept["minutes"])
+    return runs
 
 
 def checks(oracle: str, reports: list[dict[str, Any]], minutes: list[float],
@@ -143,18 +162,29 @@ def main() -> None:
         f"-{re.sub(r'[^a-z0-9.]+', '-', args.label.lower())}" if args.label else "")
     plots = ROOT / "docs" / "sim" / section.removeprefix("simulate-")
     reports, texts, minutes = [], [], []
-    prefixes = {s: "" if len(args.seeds) == 1 else f"seed{s}-" for s in args.seeds}
-    for seed in args.seeds:
-        report, text, took = run(args.oracle, seed, args, plots, prefixes[seed])
+    kept = RESULTS / section.removeprefix("simulate-")
+    seeds = args.seeds
+    if args.label:  # a recipe over seeds: the ones run before with the same flags count too
+        earlier = kept_runs(kept, args.extra, exclude=args.seeds)
+        seeds = sorted([*args.seeds, *earlier])
+    prefixes = {s: "" if len(seeds) == 1 else f"seed{s}-" for s in seeds}
+    for seed in seeds:
+        if seed not in args.seeds:
+            report, text, took = earlier[seed]
+            text = text or (f"## Seed {seed}\n\nRun before this invocation with the same "
+                            f"flags; its measures: `bench/results/{kept.name}/seed{seed}.json` "
+                            "(its report text was not kept).\n")
+        else:
+            report, text, took = run(args.oracle, seed, args, plots, prefixes[seed])
+            if not args.dry_run:
+                kept.mkdir(parents=True, exist_ok=True)
+                (kept / f"seed{seed}.json").write_text(json.dumps({
+                    "oracle": args.oracle, "label": args.label, "seed": seed,
+                    "flags": args.extra, "minutes": round(took, 1),
+                    "points": [{k: v for k, v in point.items() if k != "adapters"}
+                               for point in report["points"]]}, indent=1) + "\n")
+                (kept / f"seed{seed}.md").write_text(text)
         reports.append(report)
-        if not args.dry_run:
-            keep = RESULTS / section.removeprefix("simulate-") / f"seed{seed}.json"
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            keep.write_text(json.dumps({
-                "oracle": args.oracle, "label": args.label, "seed": seed, "flags": args.extra,
-                "minutes": round(took, 1),
-                "points": [{k: v for k, v in point.items() if k != "adapters"}
-                           for point in report["points"]]}, indent=1) + "\n")
         minutes.append(took)
         # The report's own title goes; its sections sit one level below this section's.
         body = re.sub(r"(?m)^## ", "#### ", text.split("\n", 2)[2])
@@ -167,7 +197,7 @@ def main() -> None:
                       f"![reward vs KL, seed {s}](sim/{plots.name}/{p}reward_vs_kl.png)\n"
                       for s, p in prefixes.items() if (plots / f"{p}reward.png").exists())
     body = (f"## Simulation: `{args.oracle}` oracle, {args.rounds} rounds × "
-            f"{args.pairs_per_round} pairs, seeds {' '.join(map(str, args.seeds))}\n\n"
+            f"{args.pairs_per_round} pairs, seeds {' '.join(map(str, seeds))}\n\n"
             f"`prefloop simulate` on this CPU, its own vLLM, the embedded model; "
             f"{sum(minutes):.1f} minutes in all. Flags beyond the command: "
             f"{' '.join(args.extra) or 'none'}.\n\n{table}\n{figures}\n" + "\n".join(texts))
