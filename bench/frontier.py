@@ -82,9 +82,10 @@ def table(runs_by_oracle: dict[str, dict[str, list[dict]]]) -> str:
             rates = [f["winrate_vs_base"] or 0.0 for f in finals]
             kls = [f.get("kl_per_token") or 0.0 for f in finals]
             fluency = [f.get("fluency_champion") for f in finals]
-            base = runs[0]["points"][0].get("fluency_base")
-            flu = (f"{statistics.fmean(fluency):.2f} / {base:.2f}"
-                   if None not in fluency and base is not None else "–")
+            # Each seed has its own held-out prompts, so base's fluency is averaged alike.
+            base = [r["points"][0].get("fluency_base") for r in runs]
+            flu = (f"{statistics.fmean(fluency):.2f} / {statistics.fmean(base):.2f}"
+                   if None not in fluency and None not in base else "–")
             lines.append(
                 f"| {oracle} | {'**' + label + '**' if label == DEFAULTS else label} "
                 f"| {' '.join(str(r['seed']) for r in runs)} "
