@@ -24,6 +24,7 @@ from prefloop.trainer.settings import RoundConfig
 ENV_PREFIX = "PREFLOOP_"
 DEFAULT_CONFIG_FILE = "prefloop.toml"
 CHAMPION_ENGINES = ("auto", "lora", "merged")  # where the champion's own turns are answered
+CHAMPION_MEMORY_LIMIT = 0.95  # replicas + two champion engines, as a fraction of memory
 
 
 class ConfigError(ValueError):
@@ -277,10 +278,15 @@ class Settings:
         engines (old and new during a switch). Anything else: ``lora``."""
         if self.champion_engine != "auto":
             return self
-        fits = self.vllm_memory_fraction + 2 * self.champion_memory_fraction <= 0.95
         merged = (cpu_build and self.local_replicas >= 1 and cores >= self.local_replicas + 1
-                  and fits)
+                  and self.champion_memory <= CHAMPION_MEMORY_LIMIT)
         return dataclasses.replace(self, champion_engine="merged" if merged else "lora")
+
+    @property
+    def champion_memory(self) -> float:
+        """The memory fraction of the local replicas and two champion engines (old and new,
+        during a switch): at most ``CHAMPION_MEMORY_LIMIT`` for ``merged``."""
+        return self.vllm_memory_fraction + 2 * self.champion_memory_fraction
 
     @property
     def external_vllms(self) -> list[tuple[str, str]]:
@@ -369,10 +375,11 @@ def _check_champion_engine(settings: Settings) -> None:
     if settings.champion_engine != "merged" or settings.local_replicas == 0:
         return
     lora, plain = settings.vllm_memory_fraction, settings.champion_memory_fraction
-    if lora + 2 * plain > 0.95:
+    if settings.champion_memory > CHAMPION_MEMORY_LIMIT:
         raise ConfigError(
             f"champion_engine = \"merged\": vllm_memory_fraction ({lora:g}) + 2 x "
-            f"champion_memory_fraction ({plain:g}) is {lora + 2 * plain:g}, above 0.95: the "
+            f"champion_memory_fraction ({plain:g}) is {settings.champion_memory:g}, above "
+            f"{CHAMPION_MEMORY_LIMIT:g}: the "
             "local replicas and two champion engines (old and new, during a switch) would "
             "not fit; lower one of them")
 

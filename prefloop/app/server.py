@@ -306,7 +306,6 @@ def check_app_settings(settings: Settings) -> None:
 def serve(settings: Settings, progress: Callable[[str], None] = print) -> None:
     """Run the page and API until SIGINT/SIGTERM, then stop vLLM; no process is left."""
     check_app_settings(settings)
-    settings = resolve_settings(settings)
     # SIGTERM while vLLM starts must still stop it: turn it into KeyboardInterrupt until
     # uvicorn installs its own handlers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
