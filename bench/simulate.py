@@ -38,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_section  # noqa: E402
+from prefloop.serving.models import prepare_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The held-out win-rate vs base a run without noise must reach (issue 5); None: no target.
@@ -62,7 +63,7 @@ def run(oracle: str, seed: int, args: argparse.Namespace, plots: Path,
             "--oracle", SPECS.get(oracle, oracle), "--rounds", str(args.rounds),
             "--pairs-per-round", str(args.pairs_per_round), "--seed", str(seed),
             "--report", str(report_dir), "--data-dir", str(Path(tmp) / "data"),
-            "--model", str(ROOT / ".cache" / "test" / "models" / "SmolLM2-135M-Instruct"),
+            "--model", str(prepare_model("embedded", ROOT / ".cache" / "test" / "models")),
             *args.extra]
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "prefloop", "simulate", *flags], check=True,

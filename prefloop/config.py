@@ -204,6 +204,10 @@ class Settings:
     train_kl_coef: float = _knob("kl_coef", "Weight of the token-level KL(policy ‖ base) "
                                             "penalty in a round's loss (0: none).",
                                  lo=0.0, hi=100.0)
+    train_sft_coef: float = _knob("sft_coef", "Weight of the chosen answer's negative "
+                                              "log-likelihood per token in a round's loss, "
+                                              "beside DPO (RPO; 0: none).",
+                                  lo=0.0, hi=100.0)
     trainer_threads: int = _knob("threads", "CPU threads of the trainer (0: one per core).",
                                  lo=0, hi=1024, default=1)
     trainer_timeout: float = _setting(3600.0, "Seconds a round may train before it is "

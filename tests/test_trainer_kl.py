@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from prefloop.trainer.batch import answer_logits, collate
 from prefloop.trainer.cli import train_command
 from prefloop.trainer.kl import KLEstimator, pair_token_kl
-from prefloop.trainer.round import load_policy, run_round
+from prefloop.trainer.round import chosen_tokens, load_policy, run_round
 from prefloop.trainer.tokenize import TokenizedPair
 from tests.test_trainer_round import _config, _write_pairs, tiny_model  # noqa: F401
 
@@ -97,6 +97,22 @@ def test_the_kl_penalty_keeps_a_round_nearer_the_base(tiny_model: Path,  # noqa:
     assert held["held_out"]["after"]["margin"] > held["held_out"]["before"]["margin"]
 
 
+def test_the_nll_term_is_the_chosen_answers_nll_per_token(tiny_model: Path,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    assert chosen_tokens(collate(PAIRS, range(3), pad_id=2)).tolist() == [3, 2, 2]
+    common = {"n_pairs": 8, "lr": 3e-2, "epochs": 1, "warmup_ratio": 0.0, "batch_size": 8}
+    plain = run_round(_config(tmp_path / "plain", tiny_model, **common), progress=False)
+    rpo = run_round(_config(tmp_path / "rpo", tiny_model, sft_coef=2.0, **common),
+                    progress=False)
+    assert "nll_chosen" not in plain["steps"][0]
+    # The first step starts at base: DPO's loss is log 2, the term adds 2 x the chosen
+    # answers' mean NLL per token (the sum of their log-probs over fewer than all tokens).
+    step = rpo["steps"][0]
+    assert plain["steps"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert step["loss"] == pytest.approx(math.log(2) + 2.0 * step["nll_chosen"], rel=1e-5)
+    assert 0 < step["nll_chosen"] < -step["logps_chosen"]
+
+
 def _kl_of(adapter: Path, model: Path, pairs: list[TokenizedPair]) -> float:
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(adapter))
     return KLEstimator(pairs, pad_id=2, device=torch.device("cpu")).measure(policy).per_token
@@ -153,6 +169,7 @@ def test_kl_options_on_the_command_line(tiny_model: Path, tmp_path: Path) -> Non
                                  ("--kl-check-steps", "0", "kl_check_steps must be at least 1"),
                                  ("--kl-pairs", "0", "kl_pairs must be at least 1"),
                                  ("--kl-coef", "-1", "kl_coef must be >= 0"),
+                                 ("--sft-coef", "-0.5", "sft_coef must be >= 0"),
                                  ("--max-kl", "lots", "'lots' is not a valid float")):
         result = runner.invoke(train_command, [*base, flag, value])
         assert result.exit_code != 0 and message in result.output, result.output

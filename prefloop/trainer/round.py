@@ -229,6 +229,10 @@ def _pair_stats(model: PeftModel, batch: Batch, ref: tuple[torch.Tensor, torch.T
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         loss=config.loss, beta=config.beta, label_smoothing=config.label_smoothing)
     extra = {}
+    if config.sft_coef:
+        nll = -policy_chosen / chosen_tokens(batch)  # (B,) nats per chosen answer token
+        losses = losses + config.sft_coef * nll
+        extra["nll_chosen"] = nll.detach().sum().item()
     if config.kl_coef:
         kl = pair_token_kl(model, batch, logits)  # (B,)
         losses = losses + config.kl_coef * kl
@@ -243,6 +247,12 @@ def _pair_stats(model: PeftModel, batch: Batch, ref: tuple[torch.Tensor, torch.T
         "logps_rejected": policy_rejected.detach().sum().item(),
     } | extra)
     return losses, sums
+
+
+def chosen_tokens(batch: Batch) -> torch.Tensor:
+    """(B,) scored tokens of each pair's chosen answer."""
+    return torch.bincount(batch.slots, minlength=2 * batch.size)[:batch.size].to(
+        batch.slots.device, torch.float32)
 
 
 @torch.no_grad()

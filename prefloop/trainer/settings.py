@@ -99,6 +99,11 @@ class RoundConfig:
     kl_coef: float = knob(0.0, "Weight of a KL(policy ‖ base) penalty in the loss: the exact "
                                 "per-token KL at every answer position of the batch, in nats "
                                 "per answer token (0: none).")
+    # RPO (arXiv 2404.19733): the chosen answer's negative log-likelihood beside the
+    # preference loss. DPO alone may lower both answers' likelihood and move the mass to
+    # answers nobody sampled; this term keeps it on the chosen ones.
+    sft_coef: float = knob(0.0, "Weight of the chosen answer's negative log-likelihood per "
+                                "answer token in the loss (0: none).")
     skip_invalid: bool = knob(False, "Skip and count bad lines instead of failing.")
     # Where a busy vLLM server shares the cores, fewer threads than cores avoids threads
     # spinning while they wait for each other: measured here, 2 threads beside busy vLLM on
@@ -131,6 +136,7 @@ class RoundConfig:
             (self.kl_check_steps >= 1, "kl_check_steps must be at least 1"),
             (self.kl_pairs >= 1, "kl_pairs must be at least 1 (try 16)"),
             (self.kl_coef >= 0, "kl_coef must be >= 0 (0: no KL penalty; try 1)"),
+            (self.sft_coef >= 0, "sft_coef must be >= 0 (0: no NLL term; try 1)"),
         ]
         for ok, message in checks:
             if not ok:
