@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from prefloop.loop.controller import LoopError
-from tests.conftest import ROUND_TIMEOUT, wait_for
+from tests.conftest import ROUND_TIMEOUT, lora_adapter, wait_for
 from tests.test_loop import LoopRig, vote_pairs
 
 pytestmark = pytest.mark.slow
@@ -117,9 +117,12 @@ def test_recovery_removes_what_a_crash_left_half_written(rig: LoopRig) -> None:
 
 
 def test_a_corrupt_adapter_is_refused_with_its_reason_and_the_champion_stays(
-        rig: LoopRig) -> None:
-    round_id = rig.loop.run_round("admin")
-    good = rig.store.round(round_id)["adapter"]
+        rig: LoopRig, embedded_model: Path) -> None:
+    # A good adapter to stand as champion: a real PEFT one made here (a trained round adds
+    # nothing to this drill but minutes; test_loop.py promotes trained ones).
+    good = "v0001"
+    rig.store.add_adapter(good, lora_adapter(embedded_model, rig.settings.adapters_dir / good),
+                          None, "base")
     rig.loop.promote(good)
     assert rig.store.champion() == good
     source = Path(rig.store.adapter(good)["path"])
