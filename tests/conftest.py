@@ -194,6 +194,13 @@ def lora_adapter(model: Path, folder: Path) -> Path:
     return folder
 
 
+def memory_share(gib: float, most: float) -> float:
+    """The fraction of this machine's memory that is ``gib`` GiB (at most ``most``), for a
+    vLLM's memory fraction sized in GiB rather than as a share of whatever the machine has."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return round(min(most, gib * 2**30 / total), 3)
+
+
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """The sum of the samples called ``name`` (with these label values) in a Prometheus text
     page (KeyError if none)."""

@@ -11,7 +11,6 @@ on real engines (0 failed requests, docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from prefloop.names import BASE
 from prefloop.serving.champion import ChampionEngine
 from prefloop.serving.merged import ensure_merged
 from prefloop.serving.vllm_server import Endpoint, VLLMServer
-from tests.conftest import START_TIMEOUT, wait_for
+from tests.conftest import START_TIMEOUT, memory_share, wait_for
 from tests.test_merged import train_adapter
 
 pytestmark = pytest.mark.slow
@@ -32,11 +31,6 @@ QUESTION = "Name the capital of Italy."
 # fraction of 0.1 failed to start where vLLM counted 17.2 GiB of memory ("requested memory
 # for kv -0.04/1.61 GiB"), so the fraction is worked out from this machine's memory.
 ENGINE_GIB = 3.0
-
-
-def engine_fraction() -> float:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return round(min(0.3, ENGINE_GIB * 2**30 / total), 3)
 
 
 def greedy(endpoint: Endpoint, model: str, max_tokens: int = 8) -> dict:
@@ -70,7 +64,8 @@ def test_a_merged_champion_is_served_by_a_plain_engine(
     train_adapter(embedded_model, adapter)
 
     def launch(model: Path, served: str, slot: str) -> VLLMServer:
-        return VLLMServer(model, tmp_path / "logs", memory_fraction=engine_fraction(), lora=False,
+        return VLLMServer(model, tmp_path / "logs", lora=False,
+                          memory_fraction=memory_share(ENGINE_GIB, most=0.3),
                           served_name=served, name=f"vllm-champion-{slot}",
                           start_timeout=START_TIMEOUT, dtype="float32")
 

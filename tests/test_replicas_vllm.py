@@ -36,6 +36,7 @@ from tests.conftest import (
     START_TIMEOUT,
     ServeProcess,
     lora_adapter,
+    memory_share,
     metric_sum,
     own_vllm_lock,
     wait_for,
@@ -63,12 +64,6 @@ PAIRS = 6  # pairs a case waits for: enough to go to every replica more than onc
 # Generous: only turns a hang into a failure (a 2-core AVX2 machine, the other tests' process
 # beside, one core per replica).
 DEADLINE = 300.0
-
-
-def memory_fraction(replicas: int) -> float:
-    """``--vllm-memory-fraction`` giving each of ``replicas`` local replicas REPLICA_GIB."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return round(min(0.9, replicas * REPLICA_GIB * 2**30 / total), 3)
 
 
 @dataclass
@@ -143,7 +138,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path,
         store.crown("v0001", "test")
     endpoint = vllm_server.endpoint
     args = ["--model", str(embedded_model), "--vllm-replicas", "2", "--champion-engine", "lora",
-            "--vllm-memory-fraction", str(memory_fraction(2)),
+            "--vllm-memory-fraction", str(memory_share(2 * REPLICA_GIB, most=0.9)),
             "--vllm-url", endpoint.url, "--vllm-api-key", endpoint.api_key,
             "--max-tokens", "32", "--duel-share", "0", "--baseline-share", "0",
             "--pairs-per-minute", "0", "--votes-per-minute", "0", "--train-every", "10000"]

@@ -251,8 +251,7 @@ def _pair_stats(model: PeftModel, batch: Batch, ref: tuple[torch.Tensor, torch.T
 
 def chosen_tokens(batch: Batch) -> torch.Tensor:
     """(B,) scored tokens of each pair's chosen answer."""
-    return torch.bincount(batch.slots, minlength=2 * batch.size)[:batch.size].to(
-        batch.slots.device, torch.float32)
+    return torch.bincount(batch.slots, minlength=2 * batch.size)[:batch.size].float()
 
 
 @torch.no_grad()
