@@ -105,14 +105,14 @@ def kl_and_fluency(model: Any, tokenizer: Any, prompts: list[str], answers: list
     return kl / tokens, base_logp / tokens
 
 
-def votes(oracle_spec: str, seed: int, extra: int, model_dir: Path) -> dict[str, Any]:
+def base_pairs(seed: int, extra: int, model_dir: Path) -> dict[str, Any]:
     """Base's pairs for the training prompts and its answers to the held-out ones (cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = CACHE / f"pairs-s{seed}-x{extra}.json"
     if path.exists():
         return json.loads(path.read_text())
-    data = votes(oracle_spec, seed, 0, model_dir) if extra else None
+    data = base_pairs(seed, 0, model_dir) if extra else None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     train, held_out = split_prompts(PROMPTS, seed=seed)
@@ -233,7 +233,7 @@ def main() -> None:
                              **knobs(args.set))
     except ValueError as exc:
         raise SystemExit(f"--set: {exc}") from None
-    data = votes(args.oracle, args.seed, args.extra_pairs, model_dir)
+    data = base_pairs(args.seed, args.extra_pairs, model_dir)
     work.mkdir(parents=True, exist_ok=True)
     decisive = write_pairs(data, oracle, work / "pairs.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
