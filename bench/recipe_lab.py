@@ -63,15 +63,18 @@ def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, top_p: float = 1.0,
-           chunk: int = 64) -> list[list[int]]:
-    """One answer's token ids per prompt (its end of turn kept), at temperature 1."""
+           chunk: int = 64, temperature: float = 1.0,
+           max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """One answer's token ids per prompt (its end of turn kept), at temperature 1 unless told."""
     out = []
     for k in range(0, len(prompts), chunk):
         texts = [chat_text(tokenizer, p) for p in prompts[k:k + chunk]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         torch.manual_seed(seed + k)
-        rows = model.generate(**enc, do_sample=True, temperature=1.0, top_p=top_p, top_k=0,
-                              max_new_tokens=MAX_TOKENS, pad_token_id=tokenizer.pad_token_id)
+        rows = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                              top_k=0, max_new_tokens=max_tokens,
+                              pad_token_id=tokenizer.pad_token_id)
         for row in rows[:, enc["input_ids"].shape[1]:].tolist():
             end = tokenizer.eos_token_id
             out.append(row[:row.index(end) + 1] if end in row
