@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from recipe_lab import ORACLES, chat_ids, sample  # noqa: E402
+from recipe_lab import ORACLES, sample, score  # noqa: E402
 
 from prefloop.config import Settings, setting_fields  # noqa: E402
 from prefloop.loop.rounds import round_config, snapshot_pairs  # noqa: E402
@@ -125,38 +125,8 @@ class Policies:
         return sample(self.model, self.tokenizer, prompts, seed, top_p=top_p,
                       temperature=temperature, max_tokens=max_tokens)
 
-    @torch.no_grad()
-    def score(self, prompts: list[str], answers: list[list[int]],
-              chunk: int = 32) -> list[dict[str, float]]:
-        """Per answer: its tokens, log π and log π_base of them, and the exact KL summed
-        over its positions."""
-        out = []
-        for k in range(0, len(prompts), chunk):
-            heads = [chat_ids(self.tokenizer, p) for p in prompts[k:k + chunk]]
-            rows = [h + a for h, a in zip(heads, answers[k:k + chunk], strict=True)]
-            pad = self.tokenizer.pad_token_id
-            ids = torch.full((len(rows), max(map(len, rows))), pad)
-            mask = torch.zeros_like(ids)
-            for r, row in enumerate(rows):
-                ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            policy = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            policy = policy.log_softmax(-1)
-            if self.model is self.base:
-                base = policy
-            else:
-                with self.model.disable_adapter():
-                    base = self.model(input_ids=ids, attention_mask=mask).logits.float()
-                base = base.log_softmax(-1)
-            for r, (head, row) in enumerate(zip(heads, rows, strict=True)):
-                at = slice(len(head) - 1, len(row) - 1)  # positions predicting the answer
-                p, b = policy[r, at], base[r, at]
-                taken = torch.tensor(row[len(head):], device=self.device)[:, None]
-                out.append({"tokens": len(row) - len(head),
-                            "policy": p.gather(1, taken).sum().item(),
-                            "base": b.gather(1, taken).sum().item(),
-                            "kl": (p.exp() * (p - b)).sum().item()})
-        return out
+    def score(self, prompts: list[str], answers: list[list[int]]) -> list[dict[str, float]]:
+        return score(self.model, self.tokenizer, prompts, answers)
 
 
 def per_token(scores: list[dict[str, float]], key: str) -> float:

@@ -83,12 +83,14 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, top_p: flo
 
 
 @torch.no_grad()
-def kl_and_fluency(model: Any, tokenizer: Any, prompts: list[str], answers: list[list[int]],
-                   chunk: int = 16) -> tuple[float, float]:
-    """KL(policy ‖ base) per answer token, exact at each position of ``answers``, and the
-    mean log-prob per token base gives them."""
-    kl = base_logp = 0.0
-    tokens = 0
+def score(model: Any, tokenizer: Any, prompts: list[str], answers: list[list[int]],
+          chunk: int = 16) -> list[dict[str, float]]:
+    """Per answer: its tokens, their log-prob under the policy and under base, and
+    KL(policy ‖ base) exact over the vocabulary, summed over its positions. ``model`` is
+    base with an adapter (a PeftModel), or base alone (then the policy is base)."""
+    from peft import PeftModel
+
+    out = []
     for k in range(0, len(prompts), chunk):
         heads = [chat_ids(tokenizer, p) for p in prompts[k:k + chunk]]
         rows = [h + a for h, a in zip(heads, answers[k:k + chunk], strict=True)]
@@ -96,16 +98,30 @@ def kl_and_fluency(model: Any, tokenizer: Any, prompts: list[str], answers: list
         mask = torch.zeros_like(ids)
         for r, row in enumerate(rows):
             ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         policy = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        with model.disable_adapter():
-            base = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        base = policy
+        if isinstance(model, PeftModel):
+            with model.disable_adapter():
+                base = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         for r, (head, row) in enumerate(zip(heads, rows, strict=True)):
             at = slice(len(head) - 1, len(row) - 1)  # positions predicting the answer
             p, b = policy[r, at], base[r, at]  # (T, V)
-            kl += (p.exp() * (p - b)).sum().item()
-            base_logp += b.gather(1, torch.tensor(row[len(head):])[:, None]).sum().item()
-            tokens += len(row) - len(head)
-    return kl / tokens, base_logp / tokens
+            taken = torch.tensor(row[len(head):], device=model.device)[:, None]
+            out.append({"tokens": len(row) - len(head),
+                        "policy": p.gather(1, taken).sum().item(),
+                        "base": b.gather(1, taken).sum().item(),
+                        "kl": (p.exp() * (p - b)).sum().item()})
+    return out
+
+
+def kl_and_fluency(model: Any, tokenizer: Any, prompts: list[str],
+                   answers: list[list[int]]) -> tuple[float, float]:
+    """KL(policy ‖ base) per answer token, exact at each position of ``answers``, and the
+    mean log-prob per token base gives them."""
+    scores = score(model, tokenizer, prompts, answers)
+    tokens = sum(s["tokens"] for s in scores)
+    return sum(s["kl"] for s in scores) / tokens, sum(s["base"] for s in scores) / tokens
 
 
 def base_pairs(seed: int, extra: int, model_dir: Path) -> dict[str, Any]:
