@@ -3,7 +3,8 @@
 Reads the measures ``bench/simulate.py --label NAME`` keeps under bench/results/ (one file
 per oracle, recipe and seed), and for each oracle draws the held-out win-rate against base
 over KL(champion ‖ base) in nats per token: one curve per recipe, a point per round (the
-mean over its seeds), the product's defaults (label ``defaults``) drawn thick and starred.
+mean over its seeds), the product's defaults (label :data:`DEFAULTS`) drawn thick and
+starred.
 Writes docs/sim/frontier-<oracle>.png and a table of the final rounds into
 docs/BENCHMARKS.md.
 
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_section  # noqa: E402
 from bench.simulate import MAX_KL_PER_TOKEN, RESULTS, ROOT, TARGETS  # noqa: E402
 
-DEFAULTS = "defaults"
+DEFAULTS = "defaults-batch-16-replay-0"  # the loop's training defaults since 2026-12-04
+SHOWN = {"defaults": "defaults until 2026-12-04"}  # lr 5e-4, batch 4, replay 1.0
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
@@ -59,7 +61,7 @@ def plot(oracle: str, recipes: dict[str, list[dict]], out: Path) -> None:
         xs, ys = zip(*curve(runs), strict=True)
         chosen = label == DEFAULTS
         ax.plot(xs, ys, "*-" if chosen else "o-", lw=2.5 if chosen else 1, ms=10 if chosen else 4,
-                label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+                label=f"{SHOWN.get(label, label)} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     ax.axvline(MAX_KL_PER_TOKEN, color="grey", ls="--", lw=0.8)
     if TARGETS.get(oracle):
         ax.axhline(TARGETS[oracle], color="grey", ls=":", lw=0.8)
@@ -86,8 +88,9 @@ def table(runs_by_oracle: dict[str, dict[str, list[dict]]]) -> str:
             base = [r["points"][0].get("fluency_base") for r in runs]
             flu = (f"{statistics.fmean(fluency):.2f} / {statistics.fmean(base):.2f}"
                    if None not in fluency and None not in base else "–")
+            name = f"**{label}**" if label == DEFAULTS else SHOWN.get(label, label)
             lines.append(
-                f"| {oracle} | {'**' + label + '**' if label == DEFAULTS else label} "
+                f"| {oracle} | {name} "
                 f"| {' '.join(str(r['seed']) for r in runs)} "
                 f"| {statistics.fmean(rates):.2f}; {', '.join(f'{x:.2f}' for x in rates)} "
                 f"| {statistics.fmean(kls):.3f} | {flu} "

@@ -163,11 +163,14 @@ class Settings:
                                   lo=1, hi=1_000_000)
     max_pairs_per_round: int = _setting(512, "Most pairs one round trains on (new + replay).",
                                         lo=1, hi=1_000_000)
-    replay_ratio: float = _setting(1.0, "Older pairs replayed per new pair in a round.",
+    # 0: a round trains on its new votes only; the champion it starts from has learned the
+    # older ones. Replaying them trains the same pairs again, which spent KL and won less
+    # (docs/BENCHMARKS.md, "The loop on many seeds").
+    replay_ratio: float = _setting(0.0, "Older pairs replayed per new pair in a round.",
                                    lo=0.0, hi=100.0)
     train_from: str = _setting(
         "champion", "Where a round starts: champion (its adapter trained further on the new "
-                    "pairs and the replay) or base (a new adapter fitted afresh to them, so a "
+                    "pairs and any replay) or base (a new adapter fitted afresh to them, so a "
                     "round does not inherit the KL its parent spent).",
         choices=("champion", "base"))
     duel_share: float = _setting(0.5, "Share of new turns that duel candidate vs champion "
@@ -192,11 +195,12 @@ class Settings:
                                    lo=1, hi=1_000_000)
     # The loop's training knobs: each sets the RoundConfig field named first (its default
     # and allowed values come from there unless given here); see loop.rounds.round_config.
-    train_lr: float = _knob("lr", "Learning rate of a round.", lo=1e-8, hi=1.0)
+    train_lr: float = _knob("lr", "Learning rate of a round.", lo=1e-8, hi=1.0, default=1e-3)
     train_beta: float = _knob("beta", "DPO beta of a round.", lo=1e-4, hi=100.0)
     train_epochs: int = _knob("epochs", "Passes over a round's pairs.", lo=1, hi=100, default=2)
-    train_batch_size: int = _knob("batch_size", "Pairs per optimizer step (a round of 32 pairs "
-                                                "makes 4 steps an epoch at 8).", lo=1, hi=4096)
+    train_batch_size: int = _knob("batch_size", "Pairs per optimizer step (a round of 64 pairs "
+                                                "makes 4 steps an epoch at 16).", lo=1, hi=4096,
+                                  default=16)
     train_lora_rank: int = _knob("lora_r", "LoRA rank of a round's new adapter (alpha is twice "
                                            "the rank; at most lora_max_rank). Later rounds keep "
                                            "their parent's rank.", lo=1, hi=512)

@@ -311,7 +311,9 @@ def test_a_champion_that_loses_to_base_is_rolled_back_while_serving(trained: Loo
 
 def test_promote_immediate_makes_each_new_adapter_champion(tmp_path: Path, vllm_server,
                                                             embedded_model: Path) -> None:
-    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model, promote="immediate")
+    # Replay on (the default is none): round 2 also trains on round 1's pairs.
+    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model, promote="immediate",
+                  replay_ratio=1.0)
     try:
         vote_pairs(rig.store, 8)
         assert rig.loop.tick() is not None  # 8 new votes >= min_new_pairs

@@ -84,8 +84,13 @@ def test_settings_take_the_trainer_choices_and_defaults() -> None:
     knobs = {f.name: f for f in setting_fields() if f.metadata["round"]}
     assert knobs["train_loss"].metadata["choices"] == LOSSES
     trainer = {f.name: f.default for f in fields(RoundConfig)}
-    for name in ("train_lr", "train_beta", "train_batch_size", "train_lora_rank", "train_loss"):
+    for name in ("train_beta", "train_lora_rank", "train_loss", "train_kl_coef"):
         assert knobs[name].default == trainer[knobs[name].metadata["round"]]
+    # The loop's own: measured on rounds of 64 votes (docs/BENCHMARKS.md); the trainer's
+    # command keeps its defaults for a file of pairs of any size.
+    loop = {"train_lr": 1e-3, "train_batch_size": 16, "train_epochs": 2}
+    assert {name: knobs[name].default for name in loop} == loop
+    assert {trainer[knobs[name].metadata["round"]] for name in loop} == {5e-4, 4, 1}
 
 
 def test_a_bad_knob_is_refused_by_the_trainer_command(tmp_path: Path) -> None:
