@@ -171,7 +171,8 @@ class Settings:
     train_from: str = _setting(
         "champion", "Where a round starts: champion (its adapter trained further on the new "
                     "pairs and any replay) or base (a new adapter fitted afresh to them, so a "
-                    "round does not inherit the KL its parent spent).",
+                    "round does not inherit the KL its parent spent; with replay_ratio above "
+                    "0, or a round learns only its own votes).",
         choices=("champion", "base"))
     duel_share: float = _setting(0.5, "Share of new turns that duel candidate vs champion "
                                       "while a candidate exists.", lo=0.0, hi=1.0)
