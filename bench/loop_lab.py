@@ -196,9 +196,9 @@ def run_seed(settings: Settings, oracle: Any, seed: int, label: str, plan: argpa
     champion: Path | None = None
     trained_until = 0
     for number in range(1, plan.rounds + 1):
-        jobs = [rng.choice(train) for _ in range(plan.pairs_per_round)]
-        for _ in jobs:
-            rng.randrange(2**30)  # the simulation's per-pair seed (vLLM's), kept in step
+        # The simulation's draw: a prompt and vLLM's seed per pair (the seed unused here).
+        jobs = [(rng.choice(train), rng.randrange(2**30))[0]
+                for _ in range(plan.pairs_per_round)]
         prompts = [p for p in jobs for _ in range(2)]
         answers = [decode(a) for a in policies.answer(prompts, 77 * seed + number,
                                                       settings.temperature, settings.top_p,
