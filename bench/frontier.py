@@ -24,7 +24,10 @@ from bench.report import write_section  # noqa: E402
 from bench.simulate import MAX_KL_PER_TOKEN, RESULTS, ROOT, TARGETS  # noqa: E402
 
 DEFAULTS = "defaults-batch-16-replay-0"  # the loop's training defaults since 2026-12-04
-SHOWN = {"defaults": "defaults until 2026-12-04"}  # lr 5e-4, batch 4, replay 1.0
+SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.0
+         # concise runs of the oracle before 2026-12-04 (the fewer words of two cut-off answers)
+         "defaults-old-oracle": "defaults until 2026-12-04, old oracle",
+         "defaults-batch-16-replay-0-old-oracle": "defaults-batch-16-replay-0, old oracle"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
@@ -77,7 +80,8 @@ def plot(oracle: str, recipes: dict[str, list[dict]], out: Path) -> None:
 
 def table(runs_by_oracle: dict[str, dict[str, list[dict]]]) -> str:
     lines = ["| oracle | recipe | seeds | final win-rate (mean; each seed) | final KL nats/token "
-             "| fluency champion / base | minutes | flags |", "|---|---|---|---|---|---|---|---|"]
+             "| fluency champion / base | relevance champion / base | minutes | flags |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for oracle, recipes in sorted(runs_by_oracle.items()):
         for label, runs in sorted(recipes.items()):
             finals = [r["points"][-1] for r in runs]
@@ -88,12 +92,16 @@ def table(runs_by_oracle: dict[str, dict[str, list[dict]]]) -> str:
             base = [r["points"][0].get("fluency_base") for r in runs]
             flu = (f"{statistics.fmean(fluency):.2f} / {statistics.fmean(base):.2f}"
                    if None not in fluency and None not in base else "–")
+            relevance = [f.get("relevance_champion") for f in finals]
+            base = [r["points"][0].get("relevance_base") for r in runs]  # measured since 12-04
+            rel = (f"{statistics.fmean(relevance):.2f} / {statistics.fmean(base):.2f}"
+                   if None not in relevance and None not in base else "–")
             name = f"**{label}**" if label == DEFAULTS else SHOWN.get(label, label)
             lines.append(
                 f"| {oracle} | {name} "
                 f"| {' '.join(str(r['seed']) for r in runs)} "
                 f"| {statistics.fmean(rates):.2f}; {', '.join(f'{x:.2f}' for x in rates)} "
-                f"| {statistics.fmean(kls):.3f} | {flu} "
+                f"| {statistics.fmean(kls):.3f} | {flu} | {rel} "
                 f"| {', '.join(str(r['minutes']) for r in runs)} "
                 f"| `{' '.join(runs[0]['flags'])}` |")
     return "\n".join(lines)
@@ -114,7 +122,10 @@ def main() -> None:
             f"line is the budget ({MAX_KL_PER_TOKEN} nats per token), the dotted one the "
             "win-rate target. Fluency: mean log-prob per token under base of the final "
             "champion's held-out answers, beside base's own answers (closer is more "
-            "base-like).\n\n" + " ".join(figures) + "\n\n" + table(runs))
+            "base-like). Relevance: how much likelier base finds those answers after their "
+            "own prompt than after another held-out prompt, nats per token (an answer that "
+            "would do for any question scores about 0; measured since 2026-12-04).\n\n"
+            + " ".join(figures) + "\n\n" + table(runs))
     print(body)
     write_section("frontier", body)
 

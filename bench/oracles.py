@@ -7,11 +7,16 @@ oracle. They live here, not in the product: they exist to check that the recipe 
 
 - ``on_topic``: prefers the answer that uses more of the prompt's content words (a crude
   relevance judge; the base model at temperature 1 often drifts off the question).
+- ``concise_until_2026_12_04``: the built-in ``concise`` as it was before that day (of two
+  unfinished answers the one with fewer words won), kept to measure what it rewarded
+  (``bench/oracle_pairs.py``).
 """
 
 from __future__ import annotations
 
 import re
+
+from prefloop.sim.oracles import is_complete
 
 # Words that say nothing about the topic; the rest of a prompt's words are its content.
 STOPWORDS = frozenset("""
@@ -57,3 +62,26 @@ def on_topic(context: list[dict[str, str]], a: str, b: str) -> str:
 
 
 on_topic.reward = _on_topic_reward  # type: ignore[attr-defined]
+
+
+def _old_concise_reward(context: list[dict[str, str]], answer: str) -> float:
+    """1 / (1 + words / 10) for a complete answer, the same minus 1 for an unfinished one,
+    -1 for a blank one."""
+    words = len(answer.split())
+    if words == 0:
+        return -1.0
+    score = 1.0 / (1.0 + words / 10)
+    return score if is_complete(answer) else score - 1.0
+
+
+def concise_until_2026_12_04(context: list[dict[str, str]], a: str, b: str) -> str:
+    """The higher old concise reward; two blank answers are both bad, equal rewards tie."""
+    if not a.strip() and not b.strip():
+        return "both_bad"
+    reward_a, reward_b = _old_concise_reward(context, a), _old_concise_reward(context, b)
+    if reward_a == reward_b:
+        return "tie"
+    return "a" if reward_a > reward_b else "b"
+
+
+concise_until_2026_12_04.reward = _old_concise_reward  # type: ignore[attr-defined]

@@ -49,7 +49,8 @@ from prefloop.trainer.settings import RoundConfig  # noqa: E402
 CACHE = ROOT / ".cache" / "lab"
 RESULTS = ROOT / "bench" / "results" / "lab"
 PAIRS, HELD_OUT, BASE_SAMPLES, MAX_TOKENS = 192, 48, 4, 40  # 3 rounds x 64 pairs of votes
-ORACLES = {"on_topic": f"{ROOT}/bench/oracles.py:on_topic"}
+ORACLES = {name: f"{ROOT}/bench/oracles.py:{name}"  # the unseen and the retired ones
+           for name in ("on_topic", "concise_until_2026_12_04")}
 
 
 def chat_text(tokenizer: Any, prompt: str) -> str:

@@ -148,10 +148,14 @@ def test_concise_blank_answers_lose_and_two_blanks_are_both_bad():
     assert oracle(CONTEXT, "", "   ") == "both_bad"
 
 
-def test_concise_ties_and_unfinished_pairs():
+def test_concise_ties_and_two_unfinished_answers_are_both_bad():
     oracle = ConciseOracle()
     assert oracle(CONTEXT, "Yes, it is.", "No, it isn't.") == "tie"  # 3 words each
-    assert oracle(CONTEXT, "It depends on", "It depends on the weather and") == "a"
+    # Cut off at the same token limit, the one with fewer words is only the one with longer
+    # words: no preference, whatever the word counts.
+    assert oracle(CONTEXT, "It depends on", "It depends on the weather and") == "both_bad"
+    assert oracle(CONTEXT, "Hog-o-mangusta, the holy", "It is a bit like the") == "both_bad"
+    assert oracle(CONTEXT, "It depends on", "") == "a"  # unfinished still beats blank
 
 
 def test_concise_reward_bands_worked_by_hand():
@@ -159,10 +163,11 @@ def test_concise_reward_bands_worked_by_hand():
     assert oracle.reward(CONTEXT, "Yes.") == pytest.approx(1 / 1.1)            # 1 word
     assert oracle.reward(CONTEXT, " ".join(["word"] * 9) + " end.") == 0.5    # 10 words
     assert oracle.reward(CONTEXT, " ".join(["word"] * 10)) == -0.5            # unfinished
+    assert oracle.reward(CONTEXT, "word") == -0.5                           # any length
     assert oracle.reward(CONTEXT, "") == oracle.reward(CONTEXT, " \t") == -1.0
     # Every complete answer outranks every unfinished one, which outranks a blank one.
     assert oracle.reward(CONTEXT, " ".join(["w"] * 500) + ".") > 0
-    assert -1 < oracle.reward(CONTEXT, " ".join(["w"] * 500)) < 0
+    assert oracle.reward(CONTEXT, " ".join(["w"] * 500)) == -0.5
 
 
 # -- judge ----------------------------------------------------------------------------------

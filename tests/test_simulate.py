@@ -36,6 +36,9 @@ def test_a_short_simulation_records_a_round_an_adapter_and_a_report(
     assert after["kl"] > 0, f"KL {after['kl']}: the policy's samples should be likelier under it"
     assert -1 <= after["reward_champion"] <= 1 and -1 <= after["reward_base"] <= 1
     assert after["reward_base"] == before["reward_base"]  # base's answers are sampled once
+    # Base's answers are likelier after their own prompt than after another: relevance > 0.
+    assert before["relevance_base"] > 0 and after["relevance_base"] == before["relevance_base"]
+    assert isinstance(after["relevance_champion"], float)
     assert set(after["seconds"]) == {"collect", "judge", "train", "measure"}
     assert after["judge_pairs"] == 0 and after["seconds"].pop("judge") == 0  # immediate
     assert all(seconds > 0 for seconds in after["seconds"].values()), after["seconds"]

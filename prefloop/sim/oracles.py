@@ -8,7 +8,8 @@ with ``getattr(oracle, "reward", None)``).
 
 - ``sentiment``: the more positive answer (VADER compound score); an easy target to check
   that the loop learns at all.
-- ``concise``: the shorter answer that still finishes its sentence.
+- ``concise``: the shorter answer that still finishes its sentence (two unfinished ones
+  are both bad).
 - ``judge``: an OpenAI-compatible chat model asked which answer is better (AI feedback).
 - ``random``: a or b at random, some ties; no reward. Nothing to learn: a gate that promotes
   against it promotes noise.
@@ -87,19 +88,25 @@ def is_complete(answer: str) -> bool:
     return bool(_SENTENCE_END.search(answer.strip()))
 
 
+UNFINISHED = -0.5  # the concise reward of any answer cut off mid-sentence
+
+
 class ConciseOracle:
     """Prefers the shorter answer that still finishes its sentence.
 
     The reward orders answers in three bands, and the vote follows the reward:
 
     - complete (ends its sentence): ``1 / (1 + words / 10)``, in (0, 1);
-    - unfinished (cut off mid-sentence): the same minus 1, in (-1, 0);
+    - unfinished (cut off mid-sentence): -0.5, whatever its length;
     - blank: -1.
 
     So a complete answer beats an unfinished one whatever their lengths, any text beats a
-    blank one, and within a band the one with fewer words wins. Equal bands and word counts
-    tie; two blank answers are ``both_bad``. Two unfinished answers still give a decisive
-    vote (the shorter), so the loop gets a training signal towards brevity either way.
+    blank one, and of two complete answers the one with fewer words wins; equal word counts
+    tie. Two unfinished answers are ``both_bad``, as are two blank ones: neither is what a
+    person asking for brevity wanted, and their lengths say nothing. (Until 2026-12-04 the
+    shorter unfinished answer won. Two answers cut off at the same ``max_tokens`` have the
+    same length in tokens, so "fewer words" picked the one made of longer, rarer tokens,
+    and the loop learned gibberish from most of its votes: docs/BENCHMARKS.md.)
     """
 
     name = "concise"
@@ -109,13 +116,13 @@ class ConciseOracle:
         words = len(answer.split())
         if words == 0:
             return -1.0
-        score = 1.0 / (1.0 + words / 10)
-        return score if is_complete(answer) else score - 1.0
+        return 1.0 / (1.0 + words / 10) if is_complete(answer) else UNFINISHED
 
     def __call__(self, context: Messages, a: str, b: str) -> Vote:
-        if not a.strip() and not b.strip():
+        reward_a, reward_b = self.reward(context, a), self.reward(context, b)
+        if reward_a == reward_b <= UNFINISHED:  # both unfinished, or both blank
             return "both_bad"
-        return _by_reward(self.reward(context, a), self.reward(context, b))
+        return _by_reward(reward_a, reward_b)
 
 
 RANDOM_TIES = 0.1  # the random oracle's share of ties

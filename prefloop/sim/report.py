@@ -102,9 +102,9 @@ def _fmt(value: Any, spec: str) -> str:
 def measures(points: Sequence[dict]) -> list[str]:
     lines = ["| round | round status | champion | reward (champion) | reward (base) "
              "| win-rate vs base | W/L/ties/both bad | KL nats/answer | KL nats/token "
-             "| fluency (champion / base) | mean words "
+             "| fluency (champion / base) | relevance (champion / base) | mean words "
              "| seconds: collect / judge / train / measure |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(
             f"| {p['round']} | {p['round_status'] or '–'} | {p['champion']} "
@@ -113,6 +113,8 @@ def measures(points: Sequence[dict]) -> list[str]:
             f"| {p['wins']}/{p['losses']}/{p['ties']}/{p['both_bad']} "
             f"| {_fmt(p['kl'], '.3f')} | {_fmt(p.get('kl_per_token'), '.3f')} "
             f"| {_fmt(p.get('fluency_champion'), '.2f')} / {_fmt(p.get('fluency_base'), '.2f')} "
+            f"| {_fmt(p.get('relevance_champion'), '.2f')} "
+            f"/ {_fmt(p.get('relevance_base'), '.2f')} "
             f"| {_fmt(p['mean_words'], '.1f')} "
             f"| {_phases(p.get('seconds', {}))} |")
     lines += ["", "The champion's answers to the first held-out prompts:", "",

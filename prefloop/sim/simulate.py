@@ -122,6 +122,7 @@ async def _simulate(settings: Settings, runtime: Runtime, plan: SimulationPlan, 
             point = await _measure(number, row, runtime, measure, oracle, plan, base_answers,
                                    bar)
             point["fluency_base"] = report["points"][0]["fluency_base"]
+            point["relevance_base"] = report["points"][0]["relevance_base"]
             point["judge_pairs"] = judged
             point["votes"] = dict(sum(votes.values(), Counter()))
             point["votes_by_kind"] = {kind: dict(counts) for kind, counts in votes.items()}
@@ -245,6 +246,17 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
     base_scored = await asyncio.to_thread(score_answers, runtime.loop.base_model, None,
                                           [(c, t.text) for c, t in theirs],
                                           [t.finish_reason == "length" for _, t in theirs])
+    # Relevance: how much likelier base finds each answer after its own prompt than after
+    # the next held-out prompt (pointwise mutual information, nats per token). An answer
+    # that would do for any question (a filler, a non-answer) scores about 0.
+    relevance = await asyncio.to_thread(relevance_per_token, runtime.loop.base_model,
+                                        contexts, [m.text for m in mine],
+                                        [m.finish_reason == "length" for m in mine], scored)
+    base_relevance = await asyncio.to_thread(
+        relevance_per_token, runtime.loop.base_model,
+        [c for c, _ in theirs], [t.text for _, t in theirs],
+        [t.finish_reason == "length" for _, t in theirs], base_scored,
+        plan.base_samples) if fresh else None
     tokens = sum(s.tokens for s in scored)
     return {
         "round": number, "champion": champion, "candidate": runtime.store.candidate(),
@@ -261,6 +273,7 @@ async def _measure(number: int, round_row: dict | None, runtime: Runtime,
         "fluency_champion": per_token(math.fsum(s.base for s in scored), tokens),
         "fluency_base": per_token(math.fsum(s.base for s in base_scored),
                                   sum(s.tokens for s in base_scored)),
+        "relevance_champion": relevance, "relevance_base": base_relevance,
         "mean_words": _mean([len(m.text.split()) for m in mine]),
         # What the numbers stand for: a rising reward can be a policy gaming the oracle.
         "examples": [{"prompt": prompt, "answer": m.text}
@@ -330,6 +343,21 @@ def score_answers(model_path: Path, adapter: Path | None,
             out += [Scored(p, r, len(pairs[i].chosen_ids) - pairs[i].chosen_start)
                     for p, r, i in zip(policy.tolist(), reference.tolist(), index, strict=True)]
     return out
+
+
+def relevance_per_token(model_path: Path, contexts: Sequence[Messages], answers: Sequence[str],
+                        cut: Sequence[bool], scored: Sequence[Scored],
+                        stride: int = 1) -> float | None:
+    """Σ (log π_base(y|x) − log π_base(y|x')) over all answer tokens, per token: x the
+    answer's own context (``scored`` holds its log-probs), x' the context ``stride`` places
+    on in the list (the next prompt's, when each prompt has ``stride`` answers in a row)."""
+    if not answers or len(set(map(repr, contexts))) < 2:
+        return None  # no other prompt to compare with
+    elsewhere = score_answers(model_path, None, [
+        (contexts[(i + stride) % len(contexts)], answer) for i, answer in enumerate(answers)],
+        cut)
+    return per_token(math.fsum(s.base - e.base for s, e in zip(scored, elsewhere, strict=True)),
+                     sum(s.tokens for s in scored))
 
 
 def log_ratios(model_path: Path, adapter: Path | None, items: Sequence[tuple[Messages, str]],
