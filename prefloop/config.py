@@ -202,6 +202,12 @@ class Settings:
     train_batch_size: int = _knob("batch_size", "Pairs per optimizer step (a round of 64 pairs "
                                                 "makes 4 steps an epoch at 16).", lo=1, hi=4096,
                                   default=16)
+    train_min_steps: int = _knob("min_steps", "Fewest optimizer steps an epoch of a round "
+                                              "takes: a round with fewer than batch size x "
+                                              "this many pairs (most votes ties or both bad) "
+                                              "makes smaller batches instead of one or two "
+                                              "steps (0: always train_batch_size).",
+                                 lo=0, hi=4096, default=4)
     train_lora_rank: int = _knob("lora_r", "LoRA rank of a round's new adapter (alpha is twice "
                                            "the rank; at most lora_max_rank). Later rounds keep "
                                            "their parent's rank.", lo=1, hi=512)
