@@ -215,7 +215,8 @@ def run_one(replicas: int, model: Path, args: argparse.Namespace) -> Run:
             "--max-tokens", "32",
             "--promote", "immediate", "--duel-share", "0", "--baseline-share", "0",
             "--train-every", "10000", "--train-epochs", "1", "--kl-probe-prompts", "0",
-            "--max-kl", "0", "--pairs-per-minute", "0", "--votes-per-minute", "0"], env=env)
+            "--max-kl", "0", "--min-relevance", "0", "--pairs-per-minute", "0",
+            "--votes-per-minute", "0"], env=env)
         try:
             serve.wait_ready(timeout=START_TIMEOUT * replicas)
             run = Run(replicas, time.monotonic() - started)

@@ -202,6 +202,12 @@ class Settings:
     train_batch_size: int = _knob("batch_size", "Pairs per optimizer step (a round of 64 pairs "
                                                 "makes 4 steps an epoch at 16).", lo=1, hi=4096,
                                   default=16)
+    train_min_steps: int = _knob("min_steps", "Fewest optimizer steps an epoch of a round "
+                                              "takes: a round with fewer than batch size x "
+                                              "this many pairs (most votes ties or both bad) "
+                                              "makes smaller batches instead of one or two "
+                                              "steps (0: always train_batch_size).",
+                                 lo=0, hi=4096, default=4)
     train_lora_rank: int = _knob("lora_r", "LoRA rank of a round's new adapter (alpha is twice "
                                            "the rank; at most lora_max_rank). Later rounds keep "
                                            "their parent's rank.", lo=1, hi=512)
@@ -222,6 +228,12 @@ class Settings:
              "measured on the KL probe's prompts after its round; an adapter above it is "
              "rejected and never reaches visitors (0: no budget, the KL is only recorded).",
         lo=0.0, hi=100.0)
+    min_relevance: float = _setting(
+        0.5, "Relevance floor of a new adapter, as a share of base's: the KL probe scores "
+             "each answer under base after its own prompt and after another, and an adapter "
+             "whose answers depend on their question less than this share of base's own "
+             "(answers that would do for any question) is rejected like one over max_kl "
+             "(0: no floor, the relevance is only recorded).", lo=0.0, hi=10.0)
     kl_probe_prompts: int = _setting(
         16, "Built-in prompts the KL probe answers with each new adapter, one sample each "
             "(beyond the built-in ones they repeat with new seeds; 0: no probe, then "
@@ -262,6 +274,11 @@ class Settings:
         if self.max_kl > 0 and self.kl_probe_prompts == 0:
             raise ConfigError(f"max_kl ({self.max_kl:g}) needs the KL probe: set "
                               "kl_probe_prompts above 0, or max_kl = 0 for no KL budget")
+        if self.min_relevance > 0 and self.kl_probe_prompts < 2:
+            raise ConfigError(f"min_relevance ({self.min_relevance:g}) needs the KL probe with "
+                              "two prompts or more (an answer's relevance is measured against "
+                              "another prompt): set kl_probe_prompts to 2 or more, or "
+                              "min_relevance = 0 for no relevance floor")
 
     @property
     def local_replicas(self) -> int:

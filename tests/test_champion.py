@@ -72,7 +72,8 @@ class Rig:
         self.settings = Settings(
             data_dir=tmp_path / "data", duel_share=0.0, baseline_share=0.0,
             pairs_per_minute=0, votes_per_minute=0, client_generations=64,
-            kl_probe_prompts=0, max_kl=0.0, max_tokens=16, champion_engine="merged")
+            kl_probe_prompts=0, max_kl=0.0, min_relevance=0.0, max_tokens=16,
+            champion_engine="merged")
         self.store = Store(self.settings.db_path)
         self.pool = AdapterPool([Replica("external-1", Endpoint(lora.url, "key"))], None, 16,
                                 watch_every=0.05)

@@ -5,6 +5,7 @@ its trained round)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sqlite3
 from pathlib import Path
@@ -23,6 +24,8 @@ from prefloop.serving.kl_probe import (
     PROBE_PROMPTS,
     KLProbe,
     KLProbeError,
+    KLReport,
+    ProbeAnswer,
     answer_kl,
     kl_estimate,
     probe_prompts,
@@ -53,6 +56,23 @@ def test_kl_is_zero_against_itself_and_the_two_units_agree() -> None:
     assert math.isclose(per_token, 0.3) and math.isclose(per_answer * 7, per_token * tokens)
 
 
+def test_relevance_by_hand() -> None:
+    """Base's log-probs of two answers after their own prompts (-1 - 2 and -0.5) and after
+    other prompts (-4 and -1.5): (-3.5 - -5.5) / 3 tokens = 2/3 nats per token."""
+    answers = (ProbeAnswer("p", 0, "a", "stop", (-1.0, -2.0), (-1.0, -2.0), -4.0),
+               ProbeAnswer("q", 1, "b", "stop", (-0.5,), (-0.5,), -1.5))
+    report = KLReport("base", answers, 16, 0.1)
+    assert math.isclose(report.relevance, 2 / 3) and report.per_token == 0.0
+    assert report.as_dict()["relevance"] == report.relevance
+    assert report.as_dict()["base_relevance"] is None  # not compared with base here
+    # An answer that would do for any question: as likely after another prompt, 0.
+    same = (ProbeAnswer("p", 0, "a", "stop", (-1.0,), (-1.0,), -1.0),) * 2
+    assert KLReport("v0001", same, 16, 0.1).relevance == 0.0
+    # One prompt only: nothing to compare with, not measured.
+    alone = (ProbeAnswer("p", 0, "a", "stop", (-1.0,), (-1.0,)),)
+    assert KLReport("v0001", alone, 16, 0.1).relevance is None
+
+
 def test_probe_prompts_repeat_with_new_seeds() -> None:
     many = probe_prompts(len(PROBE_PROMPTS) + 2)
     assert [seed for _, seed in many] == list(range(len(PROBE_PROMPTS) + 2))
@@ -69,6 +89,12 @@ def test_probe_prompts_repeat_with_new_seeds() -> None:
     ({"PREFLOOP_KL_PROBE_PROMPTS": "-1"}, "PREFLOOP_KL_PROBE_PROMPTS: expected an integer"),
     ({"PREFLOOP_KL_PROBE_PROMPTS": "2.5"}, "PREFLOOP_KL_PROBE_PROMPTS"),
     ({"PREFLOOP_KL_PROBE_PROMPTS": "0"}, r"max_kl \(0.2\) needs the KL probe"),
+    ({"PREFLOOP_MIN_RELEVANCE": "-0.5"}, "PREFLOOP_MIN_RELEVANCE: expected a number from 0 to 10"),
+    ({"PREFLOOP_MIN_RELEVANCE": "nan"}, "PREFLOOP_MIN_RELEVANCE"),
+    ({"PREFLOOP_KL_PROBE_PROMPTS": "1"},
+     r"min_relevance \(0.5\) needs the KL probe with two prompts or more"),
+    ({"PREFLOOP_MAX_KL": "0", "PREFLOOP_KL_PROBE_PROMPTS": "0"},
+     r"min_relevance \(0.5\) needs the KL probe"),
 ])
 def test_bad_kl_settings_are_refused_by_name(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
@@ -77,9 +103,11 @@ def test_bad_kl_settings_are_refused_by_name(env: dict[str, str], named: str) ->
 
 def test_kl_settings_defaults_and_switching_off() -> None:
     settings = Settings()
-    assert (settings.max_kl, settings.kl_probe_prompts) == (0.2, 16)
-    off = load_settings(env={"PREFLOOP_MAX_KL": "0", "PREFLOOP_KL_PROBE_PROMPTS": "0"})
-    assert (off.max_kl, off.kl_probe_prompts) == (0.0, 0)
+    assert (settings.max_kl, settings.kl_probe_prompts, settings.min_relevance) == \
+        (0.2, 16, 0.5)
+    off = load_settings(env={"PREFLOOP_MAX_KL": "0", "PREFLOOP_KL_PROBE_PROMPTS": "0",
+                             "PREFLOOP_MIN_RELEVANCE": "0"})
+    assert (off.max_kl, off.kl_probe_prompts, off.min_relevance) == (0.0, 0, 0.0)
 
 
 def test_store_keeps_the_kl_of_adapters_and_rounds(tmp_path: Path) -> None:
@@ -154,6 +182,66 @@ def test_every_adapters_kl_is_shown_and_base_is_zero(tmp_path: Path) -> None:
 # -- the probe through vLLM ---------------------------------------------------------------------
 
 
+class _FakePool:
+    """Just what the loop's KL check touches of an AdapterPool."""
+
+    def endpoint_for(self, policy: str) -> Endpoint:
+        return Endpoint("http://127.0.0.1:9", "x")
+
+    def served_name(self, policy: str) -> str:
+        return policy
+
+    def using(self, policy: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class _FakeProbe:
+    """Reports of a given relevance per token (one 2-token answer each, KL 0)."""
+
+    def __init__(self, candidate: float, base: float | Exception) -> None:
+        self.candidate, self.base = candidate, base
+
+    @staticmethod
+    def _report(policy: str, relevance: float) -> KLReport:
+        return KLReport(policy, (
+            ProbeAnswer("p", 0, "a", "stop", (-1.0, -1.0), (-1.0, -1.0), -2.0 - relevance),
+            ProbeAnswer("q", 1, "b", "stop", (-1.0, -1.0), (-1.0, -1.0), -2.0 - 3 * relevance)),
+            16, 0.1)
+
+    def measure_blocking(self, policy: str) -> KLReport:
+        return self._report(policy, self.candidate)
+
+    def base_blocking(self) -> KLReport:
+        if isinstance(self.base, Exception):
+            raise self.base
+        return self._report("base", self.base)
+
+
+@pytest.mark.parametrize("floor, candidate, base, reason", [
+    (0.5, 0.6, 1.0, None),            # keeps 60% of base's: above the floor
+    (0.5, 0.4, 1.0, "relevance 0.40 nats/token under min_relevance 0.5 of base's 1.00: "
+                    "answers that would do for any question"),
+    (0.5, -0.1, 0.8, "relevance -0.10 nats/token under min_relevance 0.5 of base's 0.80"),
+    (0.0, -0.1, 0.8, None),           # no floor: recorded only
+    (0.5, 0.9, KLProbeError("vLLM down"), "relevance not compared with base's: vLLM down"),
+])
+def test_the_relevance_floor_decides_by_the_share_of_bases(
+        tmp_path: Path, floor: float, candidate: float, base: float | Exception,
+        reason: str | None) -> None:
+    settings = Settings(data_dir=tmp_path, min_relevance=floor)
+    with Store(settings.db_path) as store:
+        loop = Loop(settings, store, _FakePool(), tmp_path / "model")
+        loop.kl_probe = _FakeProbe(candidate, base)
+        report, refused = loop._check_kl(store.start_round("admin"), "v0001")
+    assert math.isclose(report.relevance, candidate)
+    if reason is None:
+        assert refused is None
+    else:
+        assert refused is not None and refused.startswith(reason), refused
+    if floor and not isinstance(base, Exception):
+        assert report.as_dict()["base_relevance"] == pytest.approx(base)  # kept on the round
+
+
 def test_a_probe_without_a_model_server_says_so() -> None:
     probe = KLProbe(Endpoint("http://127.0.0.1:9", "x"), prompts=2, max_tokens=8)
     with pytest.raises(KLProbeError, match="did not answer the KL probe"):
@@ -173,6 +261,8 @@ def test_base_against_itself_is_exactly_zero(vllm_server) -> None:
     figures = report.as_dict()
     assert (figures["answers"], figures["tokens"]) == (4, report.tokens)
     assert [s["seed"] for s in figures["samples"]] == [0, 1, 2, 3]
+    # Base's answers depend on their question: likelier after their own prompt.
+    assert report.relevance > 0 and figures["relevance"] == report.relevance
     # Seeded: the same answers again.
     again = probe.measure_blocking("base")
     assert [a.text for a in again.answers] == [a.text for a in report.answers]

@@ -50,7 +50,10 @@ class LoopRig:
         settings = {"data_dir": data_dir, "min_new_pairs": 8, "train_lr": 5e-4,
                     "train_epochs": 2, "trainer_threads": 2, "max_tokens": 16,
                     "adapter_prefix": f"t{next(_prefixes)}", "rating_resamples": 20,
-                    "kl_probe_prompts": PROBE_PROMPTS} | overrides
+                    "kl_probe_prompts": PROBE_PROMPTS,
+                    # Four short probe answers are too few to hold an adapter to base's
+                    # relevance: the floor's own tests below set it.
+                    "min_relevance": 0.0} | overrides
         self.settings = Settings(**settings)
         self.store = Store(self.settings.db_path)
         self.pool = AdapterPool(vllm_server.endpoint, model, self.settings.lora_max_rank,
@@ -464,6 +467,8 @@ def test_kl_of_a_trained_adapter_is_measured_before_it_meets_visitors(trained: L
     assert (adapter["kl_per_token"], adapter["kl_per_answer"]) == \
         (report["per_token"], report["per_answer"])
     assert len(report["samples"]) == 16 and all(s["text"].strip() for s in report["samples"])
+    # Its relevance is measured and kept; with no floor it is not compared with base's.
+    assert isinstance(report["relevance"], float) and report["base_relevance"] is None
     [summary] = [r for r in round_summaries(trained.store, 10) if r["adapter"] == "v0001"]
     assert summary["kl"]["per_token"] == report["per_token"] and "samples" not in summary["kl"]
     cells = LoopHandlers(trained.loop, None).training_view().rounds
@@ -510,6 +515,33 @@ def test_an_adapter_over_max_kl_never_reaches_visitors(trained: LoopRig, tmp_pat
         assert (pair["policy_a"], pair["policy_b"]) == ("base", "base")
         [cells] = LoopHandlers(rig.loop, None).training_view().rounds.to_dict("records")
         assert cells["adapter state"] == "rejected" and "over max_kl" in cells["decision"]
+    finally:
+        rig.close()
+
+
+def test_an_adapter_under_the_relevance_floor_never_reaches_visitors(
+        trained: LoopRig, tmp_path: Path, vllm_server, embedded_model: Path):
+    """A floor of 10 times base's relevance: no adapter keeps that much, so v0001 is
+    rejected with the reason, and base's relevance, measured by the same probe, is kept."""
+    rig = LoopRig(tmp_path / "data", vllm_server, embedded_model, promote="immediate",
+                  min_relevance=10.0, max_kl=5.0)
+    rig.loop.trainer_command = copying_trainer(Path(trained.store.adapter("v0001")["path"]))
+    try:
+        vote_pairs(rig.store, 4)
+        row = rig.store.round(rig.loop.run_round("admin"))
+        assert row["status"] == "succeeded" and row["adapter"] == "v0001", row["error"]
+        relevance, base = row["kl"]["relevance"], row["kl"]["base_relevance"]
+        assert base > 0, "base's answers are likelier after their own prompts"
+        adapter = rig.store.adapter("v0001")
+        assert adapter["state"] == "rejected"
+        assert adapter["reason"] == (
+            f"relevance {relevance:.2f} nats/token under min_relevance 10 of base's "
+            f"{base:.2f}: answers that would do for any question")
+        assert rig.store.candidate() is None and rig.store.champion() == "base"
+        assert rig.pool.loaded == {}
+        [cells] = LoopHandlers(rig.loop, None).training_view().rounds.to_dict("records")
+        assert cells["relevance (base's)"] == f"{relevance:.2f} ({base:.2f})"
+        assert "under min_relevance" in cells["decision"]
     finally:
         rig.close()
 

@@ -52,7 +52,7 @@ class Rig:
         self.settings = Settings(
             data_dir=tmp_path / "data", duel_share=0.0, baseline_share=0.0,
             pairs_per_minute=0, votes_per_minute=0, client_generations=64,
-            kl_probe_prompts=0, max_kl=0.0, max_tokens=16)
+            kl_probe_prompts=0, max_kl=0.0, min_relevance=0.0, max_tokens=16)
         self.store = Store(self.settings.db_path)
         self.pool = AdapterPool([Replica(f"external-{i + 1}", Endpoint(s.url, "key"))
                                  for i, s in enumerate(stubs)], None, 16, watch_every=0.05)

@@ -46,7 +46,7 @@ def test_arguments_rebuild_the_config(tmp_path: Path) -> None:
     plain = RoundConfig(pairs=pairs, out=tmp_path / "out", model=tmp_path / "model")
     changed = RoundConfig(pairs=pairs, out=tmp_path / "out", model=tmp_path / "model",
                           init_adapter=adapter, loss="robust", beta=0.25, label_smoothing=0.1,
-                          lr=3e-5, epochs=3, batch_size=2, grad_accum=2, micro_batch=0,
+                          lr=3e-5, epochs=3, batch_size=2, grad_accum=2, min_steps=3, micro_batch=0,
                           batch_order="file", precision="fp32", max_length=64, lora_r=4,
                           lora_alpha=8, lora_dropout=0.0, target_modules=("q_proj", "v_proj"),
                           val_fraction=0.0, seed=7, warmup_ratio=0.0, max_grad_norm=0.5,
@@ -88,9 +88,27 @@ def test_settings_take_the_trainer_choices_and_defaults() -> None:
         assert knobs[name].default == trainer[knobs[name].metadata["round"]]
     # The loop's own: measured on rounds of 64 votes (docs/BENCHMARKS.md); the trainer's
     # command keeps its defaults for a file of pairs of any size.
-    loop = {"train_lr": 1e-3, "train_batch_size": 16, "train_epochs": 2}
+    loop = {"train_lr": 1e-3, "train_batch_size": 16, "train_epochs": 2, "train_min_steps": 4}
     assert {name: knobs[name].default for name in loop} == loop
-    assert {trainer[knobs[name].metadata["round"]] for name in loop} == {5e-4, 4, 1}
+    assert [trainer[knobs[name].metadata["round"]] for name in loop] == [5e-4, 4, 1, 0]
+
+
+@pytest.mark.parametrize("pairs, batch_size, min_steps, grad_accum, expected", [
+    (57, 16, 0, 1, 16),   # no minimum: as set
+    (57, 16, 4, 1, 15),   # a round of 64 votes: 4 steps an epoch either way (15 15 15 12)
+    (200, 16, 4, 1, 16),  # plenty of pairs: as set, more steps
+    (10, 16, 4, 1, 3),    # few pairs (most votes both bad): 3 3 3 1, four steps, not one
+    (3, 16, 4, 1, 1),     # fewer pairs than steps: one pair a batch
+    (10, 16, 4, 2, 2),    # two batches a step: 5 batches of 2 pairs, 3 steps
+])
+def test_a_round_of_few_pairs_makes_smaller_batches(pairs: int, batch_size: int, min_steps: int,
+                                                     grad_accum: int, expected: int,
+                                                     tmp_path: Path) -> None:
+    from prefloop.trainer.round import batch_size_for
+
+    config = RoundConfig(pairs=tmp_path / "p.jsonl", out=tmp_path / "o", model=tmp_path / "m",
+                         batch_size=batch_size, min_steps=min_steps, grad_accum=grad_accum)
+    assert batch_size_for(config, pairs) == expected
 
 
 def test_a_bad_knob_is_refused_by_the_trainer_command(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ LEADERBOARD_COLUMNS = ["policy", "state", "rating", "95% interval", "votes",
                        "win-rate vs base", "votes vs base", "KL/token"]
 ROUND_COLUMNS = ["id", "trigger", "status", "started", "ended", "pairs", "new pairs",
                  "adapter", "adapter state", "final loss", "held-out accuracy after",
-                 "KL/token", "error", "decision"]
+                 "KL/token", "relevance (base's)", "error", "decision"]
 ACTIONS = ("start_round", "pause", "resume", "promote")
 FLAGGED_COLUMNS = ["client", "flagged at", "votes held back", "reasons"]
 FLAGGED_HELP = ("**Flagged voters.** A client (browser cookie) whose votes look untrustworthy "
@@ -318,13 +318,17 @@ def _round_row(r: dict[str, Any]) -> dict[str, Any]:
     """A round as table cells; what it does not have (yet) is blank."""
     after = (r["held_out"] or {}).get("after") or {}
     kl = (r["kl"] or {}).get("per_token")
+    relevance, base = (r["kl"] or {}).get("relevance"), (r["kl"] or {}).get("base_relevance")
     row = {"id": r["id"], "trigger": r["trigger"], "status": r["status"],
            "started": _time(r["started_at"]), "ended": _time(r["ended_at"]),
            "pairs": r["pairs"], "new pairs": r["new_pairs"], "adapter": r["adapter"],
            "adapter state": r["adapter_state"],
            "final loss": round(r["losses"][-1], 3) if r["losses"] else None,
            "held-out accuracy after": _rounded(after.get("accuracy")),
-           "KL/token": None if kl is None else _kl(kl), "error": r["error"],
+           "KL/token": None if kl is None else _kl(kl),
+           "relevance (base's)": None if relevance is None else f"{relevance:.2f}" + (
+               "" if base is None else f" ({base:.2f})"),
+           "error": r["error"],
            "decision": r["adapter_reason"]}
     return {key: "" if value is None else value for key, value in row.items()}
 

@@ -8,6 +8,7 @@ time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -376,6 +377,20 @@ class Loop:
         log.info("round %s: %s %s", round_id, name, report.summary())
         if s.max_kl and report.per_token > s.max_kl:
             return report, f"KL {report.per_token:.3f} nats/token over max_kl {s.max_kl:g}"
+        if not s.min_relevance:
+            return report, None
+        try:
+            base = self.kl_probe.base_blocking().relevance
+        except KLProbeError as exc:
+            log.error("round %s: the probe of base failed: %s", round_id, exc)
+            return report, f"relevance not compared with base's: {exc}"
+        report = dataclasses.replace(report, base_relevance=base)
+        if report.relevance is None or base is None:
+            return report, "relevance not measured: the probe needs two prompts or more"
+        if report.relevance < s.min_relevance * base:
+            return report, (f"relevance {report.relevance:.2f} nats/token under min_relevance "
+                            f"{s.min_relevance:g} of base's {base:.2f}: answers that would do "
+                            "for any question")
         return report, None
 
     def _load_new_adapter(self, name: str, path: Path, attempts: int = 6,

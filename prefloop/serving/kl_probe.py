@@ -12,6 +12,14 @@ its end-of-turn token when it stopped by itself: stopping is part of the distrib
 
 Both policies are scored through the same endpoint in the same way, so their numerics match;
 ``base`` against itself is scored once and comes out exactly 0. No torch in this process.
+
+The same answers also give their **relevance**: each answer is scored under ``base`` once
+more, after the next probe prompt instead of its own, and Σ log π_base(y | x) −
+log π_base(y | x') over all answer tokens, per token, is how much the answers depend on
+their question (a pointwise mutual information). An answer that would do for any question
+("Hmm, let me think. Maybe.") scores about 0, whatever its KL: a preference for short or
+upbeat answers can drift there well inside the KL budget. The loop compares an adapter's
+relevance with base's own on the same prompts and seeds (``min_relevance``).
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ class ProbeAnswer:
     finish_reason: str
     policy_logprobs: tuple[float, ...]  # (T,) log π(y_t | x, y_<t)
     base_logprobs: tuple[float, ...]    # (T,) log π_base(y_t | x, y_<t)
+    elsewhere: float | None = None      # Σ_t log π_base(y_t | x', y_<t), x' another prompt
 
     @property
     def tokens(self) -> int:
@@ -113,6 +122,7 @@ class KLReport:
     answers: tuple[ProbeAnswer, ...]
     max_tokens: int
     seconds: float
+    base_relevance: float | None = None  # base's own on the same prompts, where compared
 
     @property
     def per_answer(self) -> float:
@@ -128,9 +138,20 @@ class KLReport:
     def tokens(self) -> int:
         return sum(a.tokens for a in self.answers)
 
+    @property
+    def relevance(self) -> float | None:
+        """Σ log π_base(y | x) − log π_base(y | x') over all answer tokens, per token: how
+        much likelier base finds the answers after their own prompts than after others'
+        (None: not measured, a probe of a single prompt)."""
+        if not self.answers or any(a.elsewhere is None for a in self.answers):
+            return None
+        own = math.fsum(math.fsum(a.base_logprobs) for a in self.answers)
+        return (own - math.fsum(a.elsewhere for a in self.answers)) / self.tokens
+
     def summary(self) -> str:
+        relevance = "" if self.relevance is None else f", relevance {self.relevance:.2f}"
         return (f"KL {self.per_token:.3f} nats/token, {self.per_answer:.2f} nats/answer over "
-                f"{len(self.answers)} answers, {self.tokens} tokens")
+                f"{len(self.answers)} answers, {self.tokens} tokens{relevance}")
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON: the two estimates, their counts, and every answer."""
@@ -138,6 +159,7 @@ class KLReport:
                 "per_answer": self.per_answer, "answers": len(self.answers),
                 "tokens": self.tokens, "max_tokens": self.max_tokens,
                 "cut_short": sum(a.finish_reason == "length" for a in self.answers),
+                "relevance": self.relevance, "base_relevance": self.base_relevance,
                 "seconds": round(self.seconds, 2),
                 "samples": [{"prompt": a.prompt, "seed": a.seed, "text": a.text,
                              "tokens": a.tokens, "finish_reason": a.finish_reason,
@@ -180,6 +202,14 @@ class KLProbe:
         self.system_prompt = system_prompt
         self.model_name = model_name  # policy -> the name vLLM serves it under
         self.timeout = timeout
+        self._base: KLReport | None = None
+
+    def base_blocking(self) -> KLReport:
+        """base's own report, measured at the first call and kept (base does not change):
+        the relevance an adapter's is compared with, on the same prompts and seeds."""
+        if self._base is None:
+            self._base = self.measure_blocking(BASE)
+        return self._base
 
     def measure_blocking(self, policy: str) -> KLReport:
         """:meth:`measure` from a thread without an event loop (a training round's)."""
@@ -196,14 +226,21 @@ class KLProbe:
                 headers={"Authorization": f"Bearer {endpoint.api_key}"}) as client:
             samples = await asyncio.gather(*(self._sample(client, policy, prompt, seed)
                                              for prompt, seed in self.prompts))
-            mine = await asyncio.gather(*(self._score(client, policy, s) for s in samples))
+            mine = await asyncio.gather(*(self._score(client, policy, s.prompt_ids,
+                                                      s.answer_ids) for s in samples))
             # base against itself: the same numbers, not a second pass that a different
             # batch could round differently.
             theirs = mine if policy == BASE else await asyncio.gather(
-                *(self._score(client, BASE, s) for s in samples))
+                *(self._score(client, BASE, s.prompt_ids, s.answer_ids) for s in samples))
+            # Relevance: each answer under base after the next sample's prompt.
+            n = len(samples)
+            elsewhere = [None] * n if len({s.prompt for s in samples}) < 2 else [
+                math.fsum(lps) for lps in await asyncio.gather(*(
+                    self._score(client, BASE, samples[(i + 1) % n].prompt_ids, s.answer_ids)
+                    for i, s in enumerate(samples)))]
         answers = tuple(
-            ProbeAnswer(s.prompt, s.seed, s.text, s.finish_reason, tuple(p), tuple(b))
-            for s, p, b in zip(samples, mine, theirs, strict=True))
+            ProbeAnswer(s.prompt, s.seed, s.text, s.finish_reason, tuple(p), tuple(b), e)
+            for s, p, b, e in zip(samples, mine, theirs, elsewhere, strict=True))
         return KLReport(policy, answers, self.max_tokens, time.monotonic() - started)
 
     async def _sample(self, client: httpx.AsyncClient, policy: str, prompt: str,
@@ -228,10 +265,10 @@ class KLProbe:
         return _Sample(prompt, seed, choice["message"]["content"] or "",
                        choice.get("finish_reason") or "stop", prompt_ids, answer_ids)
 
-    async def _score(self, client: httpx.AsyncClient, policy: str,
-                     sample: _Sample) -> list[float]:
-        """log ``policy``(y_t | x, y_<t) for each answer token y_t of ``sample``."""
-        ids = sample.prompt_ids + sample.answer_ids
+    async def _score(self, client: httpx.AsyncClient, policy: str, prompt_ids: list[int],
+                     answer_ids: list[int]) -> list[float]:
+        """log ``policy``(y_t | x, y_<t) for each answer token y_t, x the prompt's ids."""
+        ids = prompt_ids + answer_ids
         body = {"model": self.model_name(policy), "prompt": ids, "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": 0}
         reply = await self._post(client, "/completions", body, f"scoring under {policy}")
@@ -240,7 +277,7 @@ class KLProbe:
             # None: the first token has no context).
             logprobs = reply["choices"][0]["prompt_logprobs"]
             return [float(logprobs[i][str(ids[i])]["logprob"])
-                    for i in range(len(sample.prompt_ids), len(ids))]
+                    for i in range(len(prompt_ids), len(ids))]
         except (KeyError, IndexError, TypeError, ValueError):
             raise KLProbeError("the model server returned no prompt log-probs for the "
                                "answer tokens (prompt_logprobs): the KL probe needs vLLM"

@@ -76,9 +76,10 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     pairs, data_stats = _load_pairs(config, tokenizer)
     train_index, val_index = split_indices(len(pairs), config.val_fraction, rng)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_batches = make_batches(pairs, train_index, config.batch_size, rng, pad_id,
+    batch_size = batch_size_for(config, len(train_index))
+    train_batches = make_batches(pairs, train_index, batch_size, rng, pad_id,
                                  config.batch_order)
-    val_batches = make_batches(pairs, val_index, config.batch_size, rng, pad_id)
+    val_batches = make_batches(pairs, val_index, batch_size, rng, pad_id)
     model = load_policy(config, device, dtype)
     try:  # before any work: a head prefloop gets wrong would train on wrong log-probs
         check_head(model, (train_batches + val_batches)[0].to(device))
@@ -112,6 +113,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "autocast": str(amp).removeprefix("torch.") if amp else None,
         "pairs": {**data_stats, "train": len(train_index), "held_out": len(val_index)},
+        "batch_size": batch_size,
         "tokens": {"train": sum(step["tokens"] for step in steps),
                    "reference": sum(b.tokens for b in train_batches + val_batches)},
         "steps": steps,
@@ -266,6 +268,15 @@ def evaluate(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor
         total.update(_pair_stats(model, batch, ref, config, device)[1])
         n += batch.size
     return {key: value / n for key, value in total.items()} | {"pairs": n}
+
+
+def batch_size_for(config: RoundConfig, pairs: int) -> int:
+    """Pairs per batch for ``pairs`` training pairs: ``batch_size``, or fewer where that would
+    make fewer than ``min_steps`` optimizer steps an epoch (at least one pair)."""
+    if not config.min_steps:
+        return config.batch_size
+    return max(1, min(config.batch_size,
+                      math.ceil(pairs / (config.min_steps * config.grad_accum))))
 
 
 def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, torch.Tensor],

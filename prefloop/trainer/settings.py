@@ -65,6 +65,11 @@ class RoundConfig:
     batch_size: int = knob(4, "Pairs per batch (2x that many sequences); an optimizer step "
                               "takes --grad-accum batches.")
     grad_accum: int = knob(1, "Batches per optimizer step.")
+    # A round of few pairs (most votes ties or both bad) would otherwise take a step or two
+    # and learn nothing from them: measured, docs/BENCHMARKS.md ("Rounds of few pairs").
+    min_steps: int = knob(0, "Fewest optimizer steps an epoch takes: with fewer training "
+                             "pairs than --batch-size x this, batches get smaller (0: always "
+                             "--batch-size).")
     # A batch goes through in chunks of this many pairs, its gradients summed, so the
     # activations kept for backward are those of one chunk. The maths of the step does not
     # change.
@@ -118,6 +123,7 @@ class RoundConfig:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
+            (self.min_steps >= 0, "min_steps must be 0 (no minimum) or more"),
             (self.micro_batch >= 0, "micro_batch must be 0 (whole batch) or more"),
             (self.batch_order in BATCH_ORDERS,
              f"batch_order must be one of {', '.join(BATCH_ORDERS)}"),
