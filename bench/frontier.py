@@ -23,11 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_section  # noqa: E402
 from bench.simulate import MAX_KL_PER_TOKEN, RESULTS, ROOT, TARGETS  # noqa: E402
 
-# The loop's defaults since 2026-12-04: batch 16, lr 1e-3, no replay, at least 4 steps an
-# epoch, the relevance floor (before the last two, label defaults-batch-16-replay-0).
-DEFAULTS = "defaults-min-steps-4"
+DEFAULTS = "defaults-batch-16-replay-0"  # the loop's training defaults since 2026-12-04
 SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.0
-         "defaults-batch-16-replay-0": "batch 16, lr 1e-3, replay 0 (no step floor)",
+         "defaults-min-steps-4": "the defaults with train_min_steps 4",
          # concise runs of the oracle before 2026-12-04 (the fewer words of two cut-off answers)
          "defaults-old-oracle": "defaults until 2026-12-04, old oracle",
          "defaults-batch-16-replay-0-old-oracle": "defaults-batch-16-replay-0, old oracle"}

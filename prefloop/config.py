@@ -206,8 +206,9 @@ class Settings:
                                               "takes: a round with fewer than batch size x "
                                               "this many pairs (most votes ties or both bad) "
                                               "makes smaller batches instead of one or two "
-                                              "steps (0: always train_batch_size).",
-                                 lo=0, hi=4096, default=4)
+                                              "steps (0: always train_batch_size; measured "
+                                              "at 4 on one seed, not better).",
+                                 lo=0, hi=4096)
     train_lora_rank: int = _knob("lora_r", "LoRA rank of a round's new adapter (alpha is twice "
                                            "the rank; at most lora_max_rank). Later rounds keep "
                                            "their parent's rank.", lo=1, hi=512)

@@ -88,9 +88,10 @@ def test_settings_take_the_trainer_choices_and_defaults() -> None:
         assert knobs[name].default == trainer[knobs[name].metadata["round"]]
     # The loop's own: measured on rounds of 64 votes (docs/BENCHMARKS.md); the trainer's
     # command keeps its defaults for a file of pairs of any size.
-    loop = {"train_lr": 1e-3, "train_batch_size": 16, "train_epochs": 2, "train_min_steps": 4}
+    loop = {"train_lr": 1e-3, "train_batch_size": 16, "train_epochs": 2}
     assert {name: knobs[name].default for name in loop} == loop
-    assert [trainer[knobs[name].metadata["round"]] for name in loop] == [5e-4, 4, 1, 0]
+    assert [trainer[knobs[name].metadata["round"]] for name in loop] == [5e-4, 4, 1]
+    assert knobs["train_min_steps"].default == trainer["min_steps"] == 0  # no step floor
 
 
 @pytest.mark.parametrize("pairs, batch_size, min_steps, grad_accum, expected", [
