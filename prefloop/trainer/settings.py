@@ -65,8 +65,9 @@ class RoundConfig:
     batch_size: int = knob(4, "Pairs per batch (2x that many sequences); an optimizer step "
                               "takes --grad-accum batches.")
     grad_accum: int = knob(1, "Batches per optimizer step.")
-    # A round of few pairs (most votes ties or both bad) would otherwise take a step or two
-    # and learn nothing from them: measured, docs/BENCHMARKS.md ("Rounds of few pairs").
+    # For a round of few pairs (most votes ties or both bad), which at batch_size takes a
+    # step or two. Measured at 4 on concise: the small batches overshot the KL budget, so the
+    # loop leaves it off (docs/BENCHMARKS.md, "Rounds of few pairs").
     min_steps: int = knob(0, "Fewest optimizer steps an epoch takes: with fewer training "
                              "pairs than --batch-size x this, batches get smaller (0: always "
                              "--batch-size).")
