@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ from transformers import AutoModelForCausalLM
 from prefloop.trainer.batch import answer_logits, collate
 from prefloop.trainer.cli import train_command
 from prefloop.trainer.kl import KLEstimator, pair_token_kl
-from prefloop.trainer.round import chosen_tokens, load_policy, run_round
+from prefloop.trainer.round import (
+    chosen_tokens,
+    kl_check_indices,
+    load_policy,
+    run_round,
+    split_indices,
+)
 from prefloop.trainer.tokenize import TokenizedPair
 from tests.test_trainer_round import _config, _write_pairs, tiny_model  # noqa: F401
 
@@ -143,9 +150,40 @@ def test_a_round_stops_before_the_budget_and_keeps_weights_under_it(
 
     from prefloop.trainer.round import _load_pairs  # the round's own tokenisation
     pairs, _ = _load_pairs(config, AutoTokenizer.from_pretrained(tiny_model))
+    train_index, val_index = split_indices(len(pairs), config.val_fraction,
+                                           random.Random(config.seed))
+    assert metrics["kl_check_pairs"] == {"pairs": 4, "held_out": True}
+    pairs = [pairs[i] for i in val_index]  # the pairs the check scored: the held-out ones
     saved = _kl_of(config.out, tiny_model, pairs)
     assert saved <= budget + 1e-6
     assert _kl_of(tmp_path / "free" / "adapters" / "v0001", tiny_model, pairs) > budget
+
+
+def test_the_check_scores_held_out_pairs_and_trained_ones_only_without_them() -> None:
+    assert kl_check_indices([0, 2, 3, 5], [1, 4], 8) == [1, 4]
+    assert kl_check_indices([0, 2, 3, 5], [1, 4], 1) == [1]
+    assert kl_check_indices([0, 2, 3, 5], [], 3) == [0, 2, 3]
+
+
+@pytest.mark.parametrize(("n_pairs", "val_fraction", "batch_size", "epochs", "every",
+                          "check_steps", "check_pairs", "held_out"), [
+    # 6 training pairs in batches of 4: 2 steps an epoch, 4 in all; every step is checked.
+    (8, 0.25, 4, 2, 4, [0, 1, 2, 3, 4], 2, True),
+    # 16 steps: every kl_check_steps (4), or every 4 when kl_check_steps is larger.
+    (8, 0.0, 1, 2, 4, [0, 4, 8, 12, 16], 8, False),
+    (8, 0.0, 1, 2, 8, [0, 4, 8, 12, 16], 8, False),
+    (8, 0.0, 1, 2, 3, [0, 3, 6, 9, 12, 15, 16], 8, False),
+])
+def test_a_round_of_few_steps_checks_its_kl_more_often(
+        tiny_model: Path, tmp_path: Path, n_pairs: int, val_fraction: float,  # noqa: F811
+        batch_size: int, epochs: int, every: int, check_steps: list[int], check_pairs: int,
+        held_out: bool) -> None:
+    metrics = run_round(_config(tmp_path, tiny_model, n_pairs=n_pairs, lr=1e-3, epochs=epochs,
+                                val_fraction=val_fraction, batch_size=batch_size,
+                                max_kl=50.0, kl_check_steps=every), progress=False)
+    assert [c["step"] for c in metrics["kl_checks"]] == check_steps
+    assert metrics["kl_check_pairs"] == {"pairs": check_pairs, "held_out": held_out}
+    assert metrics["stopped_early"] is False
 
 
 def test_a_round_that_starts_over_the_budget_takes_no_step(tiny_model: Path,  # noqa: F811

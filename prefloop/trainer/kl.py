@@ -3,11 +3,12 @@
 The loop's own probe (:mod:`prefloop.serving.kl_probe`) judges an adapter after its round,
 through vLLM, on answers the adapter samples. Sampling inside the round would cost more than
 the training steps it watches, so the round's check uses answers it already has: those of a
-few of its own pairs, sampled by the policy being served when the votes came in (the round
-starts from it). At every answer position the check sums the exact KL between the policy's
-and the base model's next-token distributions over the whole vocabulary,
-Σ_v π(v) (log π(v) − log π_base(v)), and reports the mean per answer token, the unit of the
-loop's ``max_kl``. The base model is the policy with its adapter switched off.
+few of its held-out pairs (not trained on: on its training pairs the policy moves furthest),
+sampled by the policy being served when the votes came in (the round starts from it). At
+every answer position the check sums the exact KL between the policy's and the base model's
+next-token distributions over the whole vocabulary, Σ_v π(v) (log π(v) − log π_base(v)),
+and reports the mean per answer token, the unit of the loop's ``max_kl``. The base model is
+the policy with its adapter switched off.
 
 On answers the policy sampled itself this is KL(π ‖ π_base) per token with less variance
 than the probe's sampled log-ratio. Once training moves the policy, its own answers drift

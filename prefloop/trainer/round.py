@@ -75,6 +75,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     tokenizer = AutoTokenizer.from_pretrained(str(config.model))
     pairs, data_stats = _load_pairs(config, tokenizer)
     train_index, val_index = split_indices(len(pairs), config.val_fraction, rng)
+    checked = kl_check_indices(train_index, val_index, config.kl_pairs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch_size = batch_size_for(config, len(train_index))
     train_batches = make_batches(pairs, train_index, batch_size, rng, pad_id,
@@ -93,7 +94,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None,
                         cache_enabled=False):
         kl = None if not config.max_kl else KLEstimator(
-            [pairs[i] for i in (val_index + train_index)[:config.kl_pairs]], pad_id, device,
+            [pairs[i] for i in checked], pad_id, device,
             chunk=config.micro_batch or config.batch_size)
         ref = reference_logps(model, train_batches + val_batches, len(pairs), device,
                               progress)
@@ -119,6 +120,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
         "steps": steps,
         "held_out": held_out,
         "kl_checks": kl_checks,
+        "kl_check_pairs": {"pairs": len(checked), "held_out": bool(val_index)} if kl else None,
         "stopped_early": kl_checks[-1]["over"] if kl_checks else False,
         "pairs_per_s": sum(step["pairs"] for step in steps) / max(train_seconds, 1e-9),
         "seconds": {"load": loaded - start, "reference": referenced - loaded,
@@ -154,6 +156,15 @@ def _load_pairs(config: RoundConfig, tokenizer: Any) -> tuple[list[TokenizedPair
                   **dataclasses.asdict(stats)}
     stats_dict["used"] = stats_dict.pop("pairs")
     return pairs, stats_dict
+
+
+def kl_check_indices(train_index: list[int], val_index: list[int], n: int) -> list[int]:
+    """The (at most ``n``) pairs the round's KL check scores: held-out ones, which training does
+    not fit (training pairs only when none is held out). On the pairs it trains on, the
+    policy moves furthest: a check reading mostly those read 0.10 nats/token where the
+    loop's probe read 0.016 (concise, docs/BENCHMARKS.md) and stopped rounds that had not
+    spent their budget."""
+    return (val_index or train_index)[:n]
 
 
 def split_indices(n: int, val_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -279,6 +290,12 @@ def batch_size_for(config: RoundConfig, pairs: int) -> int:
                       math.ceil(pairs / (config.min_steps * config.grad_accum))))
 
 
+MIN_KL_CHECKS = 4
+"""A round checks its KL at least this often (every step in a round of four steps or
+fewer): with few votes a round makes few steps, and a check over the budget only at the end
+would put back the weights the round started from and leave it unlearned."""
+
+
 def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, torch.Tensor],
           config: RoundConfig, device: torch.device, rng: random.Random, emit: Event,
           progress: bool, kl: KLEstimator | None = None,
@@ -286,7 +303,8 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
     """AdamW over ``config.epochs`` passes; one optimizer step per ``grad_accum`` batches.
 
     With ``kl``, the KL from the base is checked before the first step, every
-    ``kl_check_steps`` steps and after the last: once it is over ``max_kl`` training stops
+    ``kl_check_steps`` steps (more often in a round of few steps: at least
+    ``MIN_KL_CHECKS`` checks) and after the last: once it is over ``max_kl`` training stops
     and the weights of the last check under it come back (those it started from, if none
     was). Returns the steps taken and the checks.
     """
@@ -300,6 +318,7 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
     total = per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(int(config.warmup_ratio * total), total))
+    every = min(config.kl_check_steps, max(1, total // MIN_KL_CHECKS))
     steps: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr, disable=not progress)
     model.train()
@@ -317,7 +336,7 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
             emit({"event": "step", **step})
             bar.set_postfix(loss=f"{step['loss']:.4f}", acc=f"{step['accuracy']:.2f}")
             bar.update()
-            if kl and (len(steps) % config.kl_check_steps == 0 or len(steps) == total):
+            if kl and (len(steps) % every == 0 or len(steps) == total):
                 kept = _kl_check(model, kl, config, len(steps), checks, emit, kept)
                 if checks[-1]["over"]:
                     bar.close()

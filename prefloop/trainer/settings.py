@@ -96,9 +96,10 @@ class RoundConfig:
     max_kl: float = knob(0.0, "Stop training before the policy's KL from the base model "
                               "passes this many nats per answer token, keeping the last "
                               "weights under it (0: no check).")
-    kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl).")
-    kl_pairs: int = knob(8, "Pairs whose answers each KL check scores (held-out ones "
-                            "first).")
+    kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl); a "
+                                  "round of fewer than 4x as many checks at least 4 times.")
+    kl_pairs: int = knob(8, "Held-out pairs whose answers each KL check scores (training "
+                            "pairs only when none is held out).")
     # A term of the loss itself (token-level KL, as in TDPO, arXiv 2404.11999): DPO only sees
     # the log-ratio of the two sampled answers, so mass it moves between tokens nobody sampled
     # (the policy sharpening) is free to it but spends the KL budget.
