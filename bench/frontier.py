@@ -30,7 +30,9 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          "defaults-min-steps-4": "the defaults with train_min_steps 4",
          # concise runs of the oracle before 2026-12-04 (the fewer words of two cut-off answers)
          "defaults-old-oracle": "defaults until 2026-12-04, old oracle",
-         "defaults-batch-16-replay-0-old-oracle": "defaults-batch-16-replay-0, old oracle"}
+         "defaults-batch-16-replay-0-old-oracle": "defaults-batch-16-replay-0, old oracle",
+         # concise at 64 tokens before the trainer's KL check scored held-out pairs
+         "max-tokens-64-check-on-trained-pairs": "defaults at 64 tokens, KL check on trained pairs"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
