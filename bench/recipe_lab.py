@@ -265,6 +265,7 @@ def main() -> None:
                            tokenizer.pad_token_id, config.batch_order)
     model = rounds.load_policy(config, device, dtype)
     checkpoints = Checkpoints(data, oracle, tokenizer, args.samples)
+    rounds.MIN_KL_CHECKS = 1  # the checkpoints come every --every steps, however few in all
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None,
                         cache_enabled=False):
