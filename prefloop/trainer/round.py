@@ -291,8 +291,8 @@ def batch_size_for(config: RoundConfig, pairs: int) -> int:
 
 
 MIN_KL_CHECKS = 4
-"""A round checks its KL at least this often (every step in a round of four steps or
-fewer): with few votes a round makes few steps, and a check over the budget only at the end
+"""A round checks its KL at least this often (every step in a round of fewer than eight
+steps): with few votes a round makes few steps, and a check over the budget only at the end
 would put back the weights the round started from and leave it unlearned."""
 
 

@@ -97,7 +97,8 @@ class RoundConfig:
                               "passes this many nats per answer token, keeping the last "
                               "weights under it (0: no check).")
     kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl); a "
-                                  "round of fewer than 4x as many checks at least 4 times.")
+                                  "round of fewer than 4x that many steps checks at least "
+                                  "4 times.")
     kl_pairs: int = knob(8, "Held-out pairs whose answers each KL check scores (training "
                             "pairs only when none is held out).")
     # A term of the loss itself (token-level KL, as in TDPO, arXiv 2404.11999): DPO only sees
