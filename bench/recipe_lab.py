@@ -265,13 +265,13 @@ def main() -> None:
                            tokenizer.pad_token_id, config.batch_order)
     model = rounds.load_policy(config, device, dtype)
     checkpoints = Checkpoints(data, oracle, tokenizer, args.samples)
-    rounds.MIN_KL_CHECKS = 1  # the checkpoints come every --every steps, however few in all
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None,
                         cache_enabled=False):
         ref = rounds.reference_logps(model, batches, len(pairs), device, False)
+        # min_checks 1: the checkpoints come every --every steps, however few steps in all
         steps, checks = rounds.train(model, batches, ref, config, device, rng,
-                                     lambda _: None, False, checkpoints)
+                                     lambda _: None, False, checkpoints, min_checks=1)
     for point, check in zip(checkpoints.points, checks, strict=True):
         point["step"] = check["step"]
     scaled = []

@@ -298,13 +298,13 @@ would put back the weights the round started from and leave it unlearned."""
 
 def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, torch.Tensor],
           config: RoundConfig, device: torch.device, rng: random.Random, emit: Event,
-          progress: bool, kl: KLEstimator | None = None,
+          progress: bool, kl: KLEstimator | None = None, min_checks: int = MIN_KL_CHECKS,
           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """AdamW over ``config.epochs`` passes; one optimizer step per ``grad_accum`` batches.
 
     With ``kl``, the KL from the base is checked before the first step, every
-    ``kl_check_steps`` steps (more often in a round of few steps: at least
-    ``MIN_KL_CHECKS`` checks) and after the last: once it is over ``max_kl`` training stops
+    ``kl_check_steps`` steps (more often in a round of few steps: at least ``min_checks``
+    checks) and after the last: once it is over ``max_kl`` training stops
     and the weights of the last check under it come back (those it started from, if none
     was). Returns the steps taken and the checks.
     """
@@ -318,7 +318,7 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
     total = per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(int(config.warmup_ratio * total), total))
-    every = min(config.kl_check_steps, max(1, total // MIN_KL_CHECKS))
+    every = min(config.kl_check_steps, max(1, total // min_checks))
     steps: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr, disable=not progress)
     model.train()
