@@ -32,7 +32,11 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          "defaults-old-oracle": "defaults until 2026-12-04, old oracle",
          "defaults-batch-16-replay-0-old-oracle": "defaults-batch-16-replay-0, old oracle",
          # concise at 64 tokens before the trainer's KL check scored held-out pairs
-         "max-tokens-64-check-on-trained-pairs": "defaults at 64 tokens, KL check on trained pairs"}
+         "max-tokens-64-check-on-trained-pairs": "defaults at 64 tokens, KL check on trained pairs",
+         # concise at 64 tokens before a check over the limit went on at half the step
+         "max-tokens-64-stop-at-overshoot": "defaults at 64 tokens, round ended at its overshoot",
+         # sentiment, one seed: train_epochs 3 set as the default for the run (not kept)
+         "defaults-epochs-3": "train_epochs 3 (the default changed for the run)"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
