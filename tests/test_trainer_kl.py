@@ -132,11 +132,12 @@ def test_a_round_stops_before_the_budget_and_keeps_weights_under_it(
     assert free["kl_checks"] == [] and free["stopped_early"] is False
     budget = 0.009  # the tiny model: about 0.006 nats/token after a step, 0.011 after two
     config = _config(tmp_path / "kept", tiny_model, n_pairs=16, lr=3e-2, epochs=4,
-                     warmup_ratio=0.0, max_kl=budget, kl_check_steps=1, kl_pairs=4)
+                     warmup_ratio=0.0, max_kl=budget, kl_check_steps=1, kl_pairs=4,
+                     kl_backtracks=0)
     events: list[dict] = []
     metrics = run_round(config, on_event=events.append, progress=False)
     checks = metrics["kl_checks"]
-    assert metrics["stopped_early"] is True
+    assert metrics["stopped_early"] is True and metrics["kl_backtracks"] == 0
     assert checks[0]["step"] == 0 and checks[0]["kl_per_token"] == 0.0
     assert [c["over"] for c in checks] == [False] * (len(checks) - 1) + [True]
     assert all(c["kl_per_token"] <= budget for c in checks[:-1])
@@ -157,6 +158,46 @@ def test_a_round_stops_before_the_budget_and_keeps_weights_under_it(
     saved = _kl_of(config.out, tiny_model, pairs)
     assert saved <= budget + 1e-6
     assert _kl_of(tmp_path / "free" / "adapters" / "v0001", tiny_model, pairs) > budget
+
+
+def test_an_overshooting_step_is_taken_back_and_the_round_goes_on_at_half_the_step(
+        tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    common = {"n_pairs": 16, "lr": 3e-2, "epochs": 4, "warmup_ratio": 0.0, "max_kl": 0.009,
+              "kl_check_steps": 2, "kl_pairs": 4}
+    stop = run_round(_config(tmp_path / "stop", tiny_model, kl_backtracks=0, **common),
+                     progress=False)
+    config = _config(tmp_path / "back", tiny_model, kl_backtracks=2, **common)
+    metrics = run_round(config, progress=False)
+    checks, steps = metrics["kl_checks"], metrics["steps"]
+    first_over = next(k for k, c in enumerate(checks) if c["over"])
+    # Up to the first overshoot both rounds are the same round.
+    assert checks[:first_over + 1] == [{**c, "seconds": checks[k]["seconds"]}
+                                       for k, c in enumerate(stop["kl_checks"][:first_over + 1])]
+    backtracks = [c for c in checks[:-1] if c["over"]]
+    assert 1 <= metrics["kl_backtracks"] == len(backtracks) <= 2
+    assert len(steps) > len(stop["steps"])  # it went on where the other stopped
+    # Each overshoot halves the step from there on (the schedule's linear decay kept), and
+    # every step after the first overshoot is checked.
+    total = steps[0]["of"]
+    for step in steps:
+        halvings = sum(c["step"] < step["step"] for c in backtracks)
+        scheduled = common["lr"] * (total - step["step"] + 1) / total
+        assert step["lr"] == pytest.approx(scheduled * 0.5 ** halvings, rel=1e-6)
+    after = [c["step"] for c in checks if c["step"] > checks[first_over]["step"]]
+    assert after == list(range(checks[first_over]["step"] + 1, len(steps) + 1))
+    for k, check in enumerate(checks):
+        if check["over"]:  # the weights of the last check under the budget come back
+            assert check["kept_step"] == max(c["step"] for c in checks[:k] if not c["over"])
+    assert metrics["stopped_early"] is checks[-1]["over"]
+    if metrics["stopped_early"]:
+        assert metrics["kl_backtracks"] == 2 or len(steps) == total
+    # Whatever happened, the adapter written is under the budget on the checked pairs.
+    from transformers import AutoTokenizer
+
+    from prefloop.trainer.round import _load_pairs
+    pairs, _ = _load_pairs(config, AutoTokenizer.from_pretrained(tiny_model))
+    _, val_index = split_indices(len(pairs), config.val_fraction, random.Random(config.seed))
+    assert _kl_of(config.out, tiny_model, [pairs[i] for i in val_index]) <= 0.009 + 1e-6
 
 
 def test_the_check_scores_held_out_pairs_and_trained_ones_only_without_them() -> None:
@@ -206,6 +247,8 @@ def test_kl_options_on_the_command_line(tiny_model: Path, tmp_path: Path) -> Non
     for flag, value, message in (("--max-kl", "-0.1", "max_kl must be >= 0"),
                                  ("--kl-check-steps", "0", "kl_check_steps must be at least 1"),
                                  ("--kl-pairs", "0", "kl_pairs must be at least 1"),
+                                 ("--kl-backtracks", "-1", "kl_backtracks must be 0"),
+                                 ("--kl-backtracks", "half", "'half' is not a valid integer"),
                                  ("--kl-coef", "-1", "kl_coef must be >= 0"),
                                  ("--sft-coef", "-0.5", "sft_coef must be >= 0"),
                                  ("--max-kl", "lots", "'lots' is not a valid float")):

@@ -50,7 +50,8 @@ def test_arguments_rebuild_the_config(tmp_path: Path) -> None:
                           batch_order="file", precision="fp32", max_length=64, lora_r=4,
                           lora_alpha=8, lora_dropout=0.0, target_modules=("q_proj", "v_proj"),
                           val_fraction=0.0, seed=7, warmup_ratio=0.0, max_grad_norm=0.5,
-                          max_kl=0.1, kl_check_steps=3, kl_pairs=5, kl_coef=0.5, sft_coef=1.0,
+                          max_kl=0.1, kl_check_steps=3, kl_backtracks=0, kl_pairs=5, kl_coef=0.5,
+                          sft_coef=1.0,
                           skip_invalid=True,
                           threads=1)
     for config in (plain, changed):

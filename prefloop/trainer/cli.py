@@ -106,7 +106,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     steps = metrics["steps"]  # none when the round started over its KL budget
     return {"pairs": metrics["pairs"], "steps": len(steps),
             "final_loss": steps[-1]["loss"] if steps else None,
-            "stopped_early": metrics["stopped_early"],
+            "stopped_early": metrics["stopped_early"], "kl_backtracks": metrics["kl_backtracks"],
             "held_out": metrics["held_out"], "pairs_per_s": metrics["pairs_per_s"],
             "seconds": metrics["seconds"]["total"], "peak_memory_mb": metrics["peak_memory_mb"]}
 
@@ -120,6 +120,10 @@ def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
     click.echo(f"{len(steps)} steps{loss}, "
                f"{metrics['pairs_per_s']:.2f} pairs/s, {metrics['seconds']['total']:.0f} s, "
                f"peak {metrics['peak_memory_mb']['rss']:.0f} MB")
+    if metrics["kl_backtracks"]:
+        click.echo(f"went over --max-kl {metrics['config']['max_kl']:g} "
+                   f"{metrics['kl_backtracks']} time(s) and went on from the weights kept, "
+                   "at half the learning rate each time")
     if metrics["stopped_early"]:
         check = metrics["kl_checks"][-1]
         click.echo(f"stopped at step {check['step']}: KL {check['kl_per_token']:.4f} nats/token "

@@ -122,6 +122,7 @@ def _run_round(config: RoundConfig, emit: Event, progress: bool) -> dict[str, An
         "kl_checks": kl_checks,
         "kl_check_pairs": {"pairs": len(checked), "held_out": bool(val_index)} if kl else None,
         "stopped_early": kl_checks[-1]["over"] if kl_checks else False,
+        "kl_backtracks": sum(check["over"] for check in kl_checks[:-1]) if kl_checks else 0,
         "pairs_per_s": sum(step["pairs"] for step in steps) / max(train_seconds, 1e-9),
         "seconds": {"load": loaded - start, "reference": referenced - loaded,
                     "train": train_seconds, "total": trained - start},
@@ -304,9 +305,11 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
 
     With ``kl``, the KL from the base is checked before the first step, every
     ``kl_check_steps`` steps (more often in a round of few steps: at least ``min_checks``
-    checks) and after the last: once it is over ``max_kl`` training stops
-    and the weights of the last check under it come back (those it started from, if none
-    was). Returns the steps taken and the checks.
+    checks) and after the last. A check over ``max_kl`` puts back the weights of the last
+    check under it (those it started from, if none was); then training goes on at half the
+    learning rate, checked after every step, up to ``kl_backtracks`` times, and stops at the
+    next over-budget check after that (or at one after the last step). Returns the steps
+    taken and the checks.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     checks: list[dict[str, Any]] = []
@@ -319,6 +322,7 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(int(config.warmup_ratio * total), total))
     every = min(config.kl_check_steps, max(1, total // min_checks))
+    backtracks = 0
     steps: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr, disable=not progress)
     model.train()
@@ -329,7 +333,7 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
         for k in range(0, len(order), config.grad_accum):
             group = order[k:k + config.grad_accum]
             step = {"step": len(steps) + 1, "of": total, "epoch": epoch + 1,
-                    "lr": scheduler.get_last_lr()[0]}
+                    "lr": optimizer.param_groups[0]["lr"]}
             step |= _optimizer_step(model, params, optimizer, group, ref, config, device)
             scheduler.step()
             steps.append(step)
@@ -339,11 +343,28 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
             if kl and (len(steps) % every == 0 or len(steps) == total):
                 kept = _kl_check(model, kl, config, len(steps), checks, emit, kept)
                 if checks[-1]["over"]:
-                    bar.close()
-                    return steps, checks
+                    if backtracks == config.kl_backtracks or len(steps) == total:
+                        bar.close()
+                        return steps, checks
+                    backtracks += 1
+                    _scale_lr(optimizer, scheduler, KL_BACKTRACK_FACTOR)
+                    every = 1
                 model.train()
     bar.close()
     return steps, checks
+
+
+KL_BACKTRACK_FACTOR = 0.5
+"""After a check over the budget the learning rate is multiplied by this (Adam moves each
+weight by about the learning rate, so the KL a step adds falls to about a quarter)."""
+
+
+def _scale_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+              factor: float) -> None:
+    """Scale the learning rate from the next step on, the schedule's shape kept."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def _kl_check(model: PeftModel, kl: KLEstimator | None, config: RoundConfig, step: int,

@@ -99,6 +99,14 @@ class RoundConfig:
     kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl); a "
                                   "round of fewer than 4x that many steps checks at least "
                                   "4 times.")
+    # A step that overshoots is usually a step too large, not the end of what the round can
+    # learn: from an adapter trained twice, a fresh AdamW's first step moved concise's check
+    # from 0.13 to 0.33-0.47 nats/token where the round before moved 0.01-0.03 a step, and
+    # the round was lost (docs/BENCHMARKS.md). A smaller step from the kept weights may fit.
+    kl_backtracks: int = knob(3, "When a KL check reads over --max-kl: put back the last "
+                                 "weights under it, halve the learning rate, check after "
+                                 "every step and go on, at most this many times (0: stop at "
+                                 "the first).")
     kl_pairs: int = knob(8, "Held-out pairs whose answers each KL check scores (training "
                             "pairs only when none is held out).")
     # A term of the loss itself (token-level KL, as in TDPO, arXiv 2404.11999): DPO only sees
@@ -143,6 +151,7 @@ class RoundConfig:
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
             (self.max_kl >= 0, "max_kl must be >= 0 (0: no KL check; try 0.15)"),
             (self.kl_check_steps >= 1, "kl_check_steps must be at least 1"),
+            (self.kl_backtracks >= 0, "kl_backtracks must be 0 (stop at once) or more"),
             (self.kl_pairs >= 1, "kl_pairs must be at least 1 (try 16)"),
             (self.kl_coef >= 0, "kl_coef must be >= 0 (0: no KL penalty; try 1)"),
             (self.sft_coef >= 0, "sft_coef must be >= 0 (0: no NLL term; try 1)"),
