@@ -33,8 +33,8 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          "defaults-batch-16-replay-0-old-oracle": "defaults-batch-16-replay-0, old oracle",
          # concise at 64 tokens before the trainer's KL check scored held-out pairs
          "max-tokens-64-check-on-trained-pairs": "defaults at 64 tokens, KL check on trained pairs",
-         # concise at 64 tokens before a check over the limit went on at half the step
-         "max-tokens-64-stop-at-overshoot": "defaults at 64 tokens, round ended at its overshoot",
+         # concise at 64 tokens: a check over the limit goes on at half the step (off by default)
+         "kl-backtracks-3": "defaults at 64 tokens, train_kl_backtracks 3",
          # sentiment, one seed: train_epochs 3 set as the default for the run (not kept)
          "defaults-epochs-3": "train_epochs 3 (the default changed for the run)"}
 

@@ -220,6 +220,10 @@ class Settings:
                                               "log-likelihood per token in a round's loss, "
                                               "beside DPO (RPO; 0: none).",
                                   lo=0.0, hi=100.0)
+    train_kl_backtracks: int = _knob("kl_backtracks", "Times a round whose KL check reads over "
+                                                      "its limit goes on from the last weights "
+                                                      "under it at half the learning rate "
+                                                      "(0: it stops there).", lo=0, hi=100)
     trainer_threads: int = _knob("threads", "CPU threads of the trainer (0: one per core).",
                                  lo=0, hi=1024, default=1)
     trainer_timeout: float = _setting(3600.0, "Seconds a round may train before it is "

@@ -50,7 +50,7 @@ def test_arguments_rebuild_the_config(tmp_path: Path) -> None:
                           batch_order="file", precision="fp32", max_length=64, lora_r=4,
                           lora_alpha=8, lora_dropout=0.0, target_modules=("q_proj", "v_proj"),
                           val_fraction=0.0, seed=7, warmup_ratio=0.0, max_grad_norm=0.5,
-                          max_kl=0.1, kl_check_steps=3, kl_backtracks=0, kl_pairs=5, kl_coef=0.5,
+                          max_kl=0.1, kl_check_steps=3, kl_backtracks=2, kl_pairs=5, kl_coef=0.5,
                           sft_coef=1.0,
                           skip_invalid=True,
                           threads=1)
@@ -63,16 +63,19 @@ def test_arguments_rebuild_the_config(tmp_path: Path) -> None:
 def test_the_loop_settings_set_the_trainer_fields(tmp_path: Path) -> None:
     settings = load_settings(env={}, overrides={
         "train_lr": 5e-4, "train_beta": 0.2, "train_epochs": 3, "train_batch_size": 4,
-        "train_lora_rank": 8, "lora_max_rank": 8, "train_loss": "ipo", "trainer_threads": 0})
+        "train_lora_rank": 8, "lora_max_rank": 8, "train_loss": "ipo", "trainer_threads": 0,
+        "train_kl_backtracks": 2})
     config = round_config(settings, pairs=tmp_path / "p.jsonl", out=tmp_path / "v0001",
                           model=tmp_path / "m", init_adapter=None, seed=5)
     assert (config.lr, config.beta, config.epochs, config.batch_size, config.lora_r,
             config.lora_alpha, config.loss, config.threads, config.seed) == \
         (5e-4, 0.2, 3, 4, 8, 16, "ipo", None, 5)
+    assert config.kl_backtracks == 2
     defaults = round_config(load_settings(env={}), pairs=tmp_path / "p.jsonl",
                             out=tmp_path / "v0001", model=tmp_path / "m", init_adapter=None,
                             seed=1)
-    assert (defaults.epochs, defaults.threads, defaults.lora_alpha) == (2, 1, 16)
+    assert (defaults.epochs, defaults.threads, defaults.lora_alpha, defaults.kl_backtracks) == \
+        (2, 1, 16, 0)
     # The trainer stops at a share of the loop's KL budget; no budget, no check.
     assert defaults.max_kl == pytest.approx(0.2 * TRAIN_KL_SHARE)
     unbounded = round_config(load_settings(env={}, overrides={"max_kl": 0}),

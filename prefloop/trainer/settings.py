@@ -99,11 +99,12 @@ class RoundConfig:
     kl_check_steps: int = knob(4, "Optimizer steps between KL checks (with --max-kl); a "
                                   "round of fewer than 4x that many steps checks at least "
                                   "4 times.")
-    # A step that overshoots is usually a step too large, not the end of what the round can
-    # learn: from an adapter trained twice, a fresh AdamW's first step moved concise's check
-    # from 0.13 to 0.33-0.47 nats/token where the round before moved 0.01-0.03 a step, and
-    # the round was lost (docs/BENCHMARKS.md). A smaller step from the kept weights may fit.
-    kl_backtracks: int = knob(3, "When a KL check reads over --max-kl: put back the last "
+    # A backtracking line search: an overshoot is often one step too large (from an adapter
+    # trained twice, a fresh AdamW's first step moved concise's check from 0.13 to 0.33-0.47
+    # nats/token where the round before moved 0.01-0.03 a step, and the round was lost).
+    # Measured at 3 on concise (docs/BENCHMARKS.md): the rounds then spent the budget, 0.89
+    # at 0.156 nats/token against 0.86 at 0.081, with less fluent answers; so it is off.
+    kl_backtracks: int = knob(0, "When a KL check reads over --max-kl: put back the last "
                                  "weights under it, halve the learning rate, check after "
                                  "every step and go on, at most this many times (0: stop at "
                                  "the first).")
