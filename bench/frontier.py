@@ -36,7 +36,8 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          # concise at 64 tokens: a check over the limit goes on at half the step (off by default)
          "kl-backtracks-3": "defaults at 64 tokens, train_kl_backtracks 3",
          # sentiment, one seed: train_epochs 3 set as the default for the run (not kept)
-         "defaults-epochs-3": "train_epochs 3 (the default changed for the run)"}
+         "defaults-epochs-3": "train_epochs 3 (the default changed for the run)",
+         "defaults-temperature-1.2": "pairs sampled at temperature 1.2"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
