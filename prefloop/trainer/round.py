@@ -297,6 +297,19 @@ steps): with few votes a round makes few steps, and a check over the budget only
 would put back the weights the round started from and leave it unlearned."""
 
 
+KL_BACKTRACK_FACTOR = 0.5
+"""After a check over the budget the learning rate is multiplied by this (Adam moves each
+weight by about the learning rate, so the KL a step adds falls to about a quarter)."""
+
+
+def _scale_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+              factor: float) -> None:
+    """Scale the learning rate from the next step on, the schedule's shape kept."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
 def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, torch.Tensor],
           config: RoundConfig, device: torch.device, rng: random.Random, emit: Event,
           progress: bool, kl: KLEstimator | None = None, min_checks: int = MIN_KL_CHECKS,
@@ -352,19 +365,6 @@ def train(model: PeftModel, batches: Sequence[Batch], ref: tuple[torch.Tensor, t
                 model.train()
     bar.close()
     return steps, checks
-
-
-KL_BACKTRACK_FACTOR = 0.5
-"""After a check over the budget the learning rate is multiplied by this (Adam moves each
-weight by about the learning rate, so the KL a step adds falls to about a quarter)."""
-
-
-def _scale_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-              factor: float) -> None:
-    """Scale the learning rate from the next step on, the schedule's shape kept."""
-    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
 
 
 def _kl_check(model: PeftModel, kl: KLEstimator | None, config: RoundConfig, step: int,
