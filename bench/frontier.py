@@ -37,7 +37,11 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          "kl-backtracks-3": "defaults at 64 tokens, train_kl_backtracks 3",
          # sentiment, one seed: train_epochs 3 set as the default for the run (not kept)
          "defaults-epochs-3": "train_epochs 3 (the default changed for the run)",
-         "defaults-temperature-1.2": "pairs sampled at temperature 1.2"}
+         "defaults-temperature-1.2": "pairs sampled at temperature 1.2",
+         # sentiment, 2026-12-05 (second session): a larger step, and a fresh fit each round
+         "lr-1.5e-3": "the defaults at lr 1.5e-3",
+         "defaults-from-base-replay-2": "a new adapter each round on every vote (replay 2)",
+         "from-base-replay-2-lr-2e-3": "a new adapter each round on every vote, lr 2e-3"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:

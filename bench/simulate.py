@@ -154,8 +154,15 @@ def main() -> None:
     parser.add_argument("--label", default="",
                         help="name of the recipe tried: its own section, and its measures "
                              "kept under bench/results/ for bench/frontier.py")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="run nothing: write the label's section from the seeds kept under "
+                             "bench/results/ with these flags (a run stopped before its last seed)")
     parser.add_argument("extra", nargs="*", help="more `prefloop simulate` flags (after --)")
     args = parser.parse_args()
+    if args.kept_only:
+        if not args.label:
+            parser.error("--kept-only needs the --label whose seeds were kept")
+        args.seeds = []
     noise = next((args.extra[i + 1] for i, flag in enumerate(args.extra[:-1])
                   if flag == "--noise"), None)
     section = f"simulate-{args.oracle}" + (f"-noise-{re.sub(r'[^a-z0-9.]+', '-', noise)}"
@@ -168,6 +175,8 @@ def main() -> None:
     if args.label:  # a recipe over seeds: the ones run before with the same flags count too
         earlier = kept_runs(kept, args.extra, exclude=args.seeds)
         seeds = sorted([*args.seeds, *earlier])
+    if not seeds:
+        sys.exit(f"no seeds kept under {kept} with the flags {' '.join(args.extra) or '(none)'}")
     prefixes = {s: "" if len(seeds) == 1 else f"seed{s}-" for s in seeds}
     for seed in seeds:
         if seed not in args.seeds:
