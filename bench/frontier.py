@@ -41,7 +41,9 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          # sentiment, 2026-12-05 (second session): a larger step, and a fresh fit each round
          "lr-1.5e-3": "the defaults at lr 1.5e-3",
          "defaults-from-base-replay-2": "a new adapter each round on every vote (replay 2)",
-         "from-base-replay-2-lr-2e-3": "a new adapter each round on every vote, lr 2e-3"}
+         "from-base-replay-2-lr-2e-3": "a new adapter each round on every vote, lr 2e-3",
+         # --pairs-per-round is simulate.py's own flag, not among the flags recorded
+         "defaults-128-pairs-per-round": "the defaults, 128 pairs a round (not 64)"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
