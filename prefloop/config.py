@@ -113,6 +113,13 @@ class Settings:
     temperature: float = _setting(0.8, "Sampling temperature.", lo=0.0, hi=2.0)
     top_p: float = _setting(0.95, "Nucleus sampling threshold.", lo=0.01, hi=1.0)
     max_tokens: int = _setting(128, "Most tokens in one answer.", lo=1, hi=32768)
+    pair_candidates: int = _setting(
+        2, "Answers sampled for each of an adapter champion's own turns; the visitor sees "
+           "the two its implicit reward (log-prob under it minus under base) ranks furthest "
+           "apart, so that a vote says more. 2: the two sampled, streamed as they are "
+           "written. More: the pair appears whole once all are written and scored (no "
+           "streaming; about n/2 times the generation). base's turns and duels always "
+           "stream two.", lo=2, hi=16)
     system_prompt: str = _setting("", "System prompt put before every conversation ('' for none).")
     max_message_chars: int = _setting(4000, "Most characters in one user message.",
                                       lo=1, hi=1_000_000)

@@ -12,7 +12,10 @@ it does not serve is 404. :meth:`StubServer.kill` ends it as SIGKILL ends vLLM: 
 off (connection reset), new connections refused; a new ``stub_server(port=...)`` is the same
 replica restarted, with no adapters. With ``model_name`` set it serves its model under that
 name instead of ``base``, as a vLLM started with ``--served-model-name`` does (a champion
-engine).
+engine). Asked for ``return_token_ids``, a whole (not streamed) answer i comes as the one
+token 1000 + i after the prompt [1, 2, 3]; ``POST /v1/completions`` with ``prompt_logprobs``
+scores such a token −1 under ``base`` and −1 + ``rewards[i]`` under any other model, so that
+answer i's implicit reward is ``rewards[i]``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class StubServer(ThreadingHTTPServer):
         self.refuse: set[str] = set()  # adapter names a load is refused for (400)
         self.served: Counter[str] = Counter()  # chat completion requests per model
         self.requests: list[dict] = []  # each chat completion request's body
+        self.rewards: list[float] = []  # answer i's log-ratio adapter vs base (see above)
+        self.token_ids = True  # False: return_token_ids is ignored, as by an older server
         self.dead = threading.Event()
 
     def kill(self) -> None:
@@ -118,6 +123,8 @@ class StubHandler(BaseHTTPRequestHandler):
             self.server.served[model] += 1
             self.server.requests.append(body)
             self._stream(body)
+        elif self.path == "/v1/completions":
+            self._score(body)
         elif self.path == "/v1/load_lora_adapter":
             self._load(body)
         elif self.path == "/v1/unload_lora_adapter":
@@ -183,8 +190,25 @@ class StubHandler(BaseHTTPRequestHandler):
         n, seed = body.get("n", 1), body.get("seed", 0)
         choices = [{"index": i, "finish_reason": "stop", "message": {
             "role": "assistant", "content": self._answer_text(i, seed)}} for i in range(n)]
-        self._json(200, {"id": "stub", "object": "chat.completion", "created": 0,
-                         "model": body.get("model", "stub"), "choices": choices})
+        reply = {"id": "stub", "object": "chat.completion", "created": 0,
+                 "model": body.get("model", "stub"), "choices": choices}
+        if body.get("return_token_ids") and self.server.token_ids:
+            reply["prompt_token_ids"] = [1, 2, 3]
+            for choice in choices:
+                choice["token_ids"] = [1000 + choice["index"]]
+        self._json(200, reply)
+
+    def _score(self, body: dict) -> None:
+        """Prompt log-probs of token ids (see the module's docstring); one token back."""
+        ids, model = body["prompt"], body.get("model", "base")
+        entries: list[dict | None] = [None]
+        for token in ids[1:]:
+            logprob = -0.5 if token < 1000 else -1.0 + (
+                0.0 if model == self.server.model_name else self.server.rewards[token - 1000])
+            entries.append({str(token): {"logprob": logprob, "rank": 1}})
+        self._json(200, {"id": "stub", "object": "text_completion", "model": model,
+                         "choices": [{"index": 0, "text": ".", "finish_reason": "length",
+                                      "prompt_logprobs": entries}]})
 
     def _answer_text(self, i: int, seed: int) -> str:
         return (self.server.sides[i] if self.server.sides

@@ -490,6 +490,42 @@ def test_kl_of_a_trained_adapter_is_measured_before_it_meets_visitors(trained: L
     assert abs(report["per_token"] - torch_per_token) < 0.02, (report["per_token"], scored)
 
 
+def test_a_trained_adapters_turn_shows_its_best_and_worst_of_four(trained: LoopRig,
+                                                                  vllm_server,
+                                                                  embedded_model: Path):
+    """pair_candidates 4 on the real vLLM: one request for four answers, each scored under
+    the adapter and base; the pair shown is the highest and lowest implicit reward, and the
+    rewards are the answers' log-ratios as torch computes them."""
+    from prefloop.sim.simulate import log_ratios
+
+    sampler = PairSampler(vllm_server.endpoint, max_model_len=2048,
+                          sampling=Sampling(0.8, 0.95, 16, candidates=4),
+                          model_name=trained.pool.served_name)
+    history = [{"role": "user", "content": "How do I plant a tree?"}]
+
+    async def pair():
+        try:
+            return [p async for p in sampler.stream(history, "v0001", "v0001", seed=11)]
+        finally:
+            await sampler.close()
+
+    [final] = asyncio.run(pair())
+    assert final.done and len(final.candidates) == len(final.rewards) == 4
+    assert [c.seed for c in final.candidates] == [11, 12, 13, 14]
+    assert all(c.text.strip() and c.tokens for c in final.candidates)
+    rewards = list(final.rewards)
+    assert len(set(rewards)) == 4, rewards  # a trained adapter: each answer its own reward
+    shown = {final.a.seed: final.a.text, final.b.seed: final.b.text}
+    best, worst = (final.candidates[rewards.index(f(rewards))] for f in (max, min))
+    assert shown == {best.seed: best.text, worst.seed: worst.text}
+    adapter = Path(trained.store.adapter("v0001")["path"])
+    scored = log_ratios(embedded_model, adapter, [(history, c.text) for c in (best, worst)],
+                        [c.finish_reason == "length" for c in (best, worst)])
+    print(f"rewards {rewards}; best, worst in torch fp32 {scored}")
+    # vLLM may serve in bf16: one answer's sum then differs by up to ~0.7 nats (above).
+    assert scored == pytest.approx([max(rewards), min(rewards)], abs=1.0)
+
+
 def test_an_adapter_over_max_kl_never_reaches_visitors(trained: LoopRig, tmp_path: Path,
                                                        vllm_server, embedded_model: Path):
     """Even with promote = "immediate": rejected with the reason, unloaded, never planned."""

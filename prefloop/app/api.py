@@ -17,7 +17,7 @@ from prefloop.app.guard import COOKIE, Client, Refused
 from prefloop.app.moderation import Flagged
 from prefloop.app.privacy import ConsentRequired
 from prefloop.serving.context import ContextTooLong
-from prefloop.serving.sampler import SamplingError
+from prefloop.serving.sampler import SEED_LIMIT, SamplingError
 from prefloop.storage.store import Conflict, NotFound
 
 
@@ -26,8 +26,10 @@ class PairRequest(BaseModel):
     message: StrictStr = Field(description="The user's new message.")
     conversation_id: StrictStr | None = Field(
         None, description="Continue this conversation; null starts a new one.")
-    seed: int | None = Field(None, ge=0, lt=2**31 - 2,
-                             description="Seed of answer A (B uses seed + 1); random if null.")
+    seed: int | None = Field(
+        None, ge=0, lt=SEED_LIMIT,
+        description="Seed of answer A (B uses seed + 1; with pair_candidates n, the n "
+                    "answers use seed to seed + n - 1); random if null.")
 
 
 class AnswerOut(BaseModel):

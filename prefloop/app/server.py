@@ -291,7 +291,7 @@ def make_sampler(settings: Settings, runtime: Runtime,
         runtime.replicas, max_model_len=settings.max_model_len,
         system_prompt=settings.system_prompt,
         sampling=sampling or Sampling(settings.temperature, settings.top_p,
-                                      settings.max_tokens),
+                                      settings.max_tokens, settings.pair_candidates),
         model_name=runtime.loop.pool.served_name, champion=runtime.loop.pool.champion_engine)
 
 

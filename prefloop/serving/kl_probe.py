@@ -252,7 +252,8 @@ class KLProbe:
                 "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
                 "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "max_tokens": self.max_tokens, "return_token_ids": True}
-        reply = await self._post(client, "/chat/completions", body, f"a sample of {policy}")
+        reply = await _post(client, "/chat/completions", body, f"a sample of {policy}",
+                            self.timeout)
         try:
             choice = reply["choices"][0]
             prompt_ids, answer_ids = list(reply["prompt_token_ids"]), list(choice["token_ids"])
@@ -267,30 +268,39 @@ class KLProbe:
 
     async def _score(self, client: httpx.AsyncClient, policy: str, prompt_ids: list[int],
                      answer_ids: list[int]) -> list[float]:
-        """log ``policy``(y_t | x, y_<t) for each answer token y_t, x the prompt's ids."""
-        ids = prompt_ids + answer_ids
-        body = {"model": self.model_name(policy), "prompt": ids, "max_tokens": 1,
-                "temperature": 0.0, "prompt_logprobs": 0}
-        reply = await self._post(client, "/completions", body, f"scoring under {policy}")
-        try:
-            # Entry i: {str(token id): {"logprob": ...}} for ids[i] given ids[:i] (entry 0 is
-            # None: the first token has no context).
-            logprobs = reply["choices"][0]["prompt_logprobs"]
-            return [float(logprobs[i][str(ids[i])]["logprob"])
-                    for i in range(len(prompt_ids), len(ids))]
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise KLProbeError("the model server returned no prompt log-probs for the "
-                               "answer tokens (prompt_logprobs): the KL probe needs vLLM"
-                               ) from None
+        return await answer_logprobs(client, "/completions", self.model_name(policy),
+                                     prompt_ids, answer_ids, timeout=self.timeout)
 
-    async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, Any],
-                    what: str) -> dict[str, Any]:
-        try:
-            response = await client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise KLProbeError(f"the model server did not answer the KL probe ({what}): "
-                               f"{exc!r}") from None
-        if response.status_code != 200:
-            raise KLProbeError(f"the model server refused the KL probe ({what}, "
-                               f"{response.status_code}): {response.text[:300]}")
-        return response.json()
+
+async def answer_logprobs(client: httpx.AsyncClient, url: str, model: str,
+                          prompt_ids: list[int], answer_ids: list[int], *,
+                          timeout: float) -> list[float]:
+    """log ``model``(y_t | x, y_<t) for each answer token y_t, x the prompt's ids: vLLM's
+    prompt log-probs of the two as one prompt (``url``: its ``/v1/completions``).
+    Raises :class:`KLProbeError` if vLLM does not answer, refuses, or returns none."""
+    ids = prompt_ids + answer_ids
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
+            "prompt_logprobs": 0}
+    reply = await _post(client, url, body, f"scoring under {model}", timeout)
+    try:
+        # Entry i: {str(token id): {"logprob": ...}} for ids[i] given ids[:i] (entry 0 is
+        # None: the first token has no context).
+        logprobs = reply["choices"][0]["prompt_logprobs"]
+        return [float(logprobs[i][str(ids[i])]["logprob"])
+                for i in range(len(prompt_ids), len(ids))]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise KLProbeError("the model server returned no prompt log-probs for the answer "
+                           "tokens (prompt_logprobs): the KL probe needs vLLM") from None
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any], what: str,
+                timeout: float) -> dict[str, Any]:
+    try:
+        response = await client.post(url, json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise KLProbeError(f"the model server did not answer the KL probe ({what}): "
+                           f"{exc!r}") from None
+    if response.status_code != 200:
+        raise KLProbeError(f"the model server refused the KL probe ({what}, "
+                           f"{response.status_code}): {response.text[:300]}")
+    return response.json()

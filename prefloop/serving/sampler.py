@@ -2,7 +2,10 @@
 
 One policy: a single request with ``n=2`` (vLLM seeds the second sample with ``seed + 1``).
 Two policies: two requests at once, each with its own seed. Either way the caller sees one
-stream of :class:`PairProgress` snapshots with both texts as they grow.
+stream of :class:`PairProgress` snapshots with both texts as they grow. With
+``Sampling.candidates`` n > 2, an adapter's own turns are one request with ``n`` answers,
+not streamed, of which the two its implicit reward ranks furthest apart are shown
+(``serving/candidates.py``): the caller then sees a single, complete snapshot.
 
 Both answers of a pair come from one vLLM replica (``serving/replicas.py``): the least busy
 that serves both policies. A replica that fails before either answer has any text is taken
@@ -32,13 +35,18 @@ from openai import AsyncOpenAI
 
 from prefloop.names import BASE
 from prefloop.serving.adapters import served_name
+from prefloop.serving.candidates import furthest_apart
 from prefloop.serving.champion import ChampionEngine
 from prefloop.serving.context import ContextTooLong, Messages, fit_context, with_system_prompt
+from prefloop.serving.kl_probe import KLProbeError, answer_kl, answer_logprobs
 from prefloop.serving.replicas import NoReplica, Replica, Replicas
 from prefloop.serving.vllm_server import Endpoint
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # how often a waiting pair looks whether its replica was taken out
+# Seeds below this: a request's answers take seed, seed + 1, … (up to 16 candidates) and
+# each must still be a 32-bit seed for vLLM.
+SEED_LIMIT = 2**31 - 17
 
 
 class SamplingError(RuntimeError):
@@ -50,10 +58,14 @@ class Sampling:
     temperature: float = 0.8
     top_p: float = 0.95
     max_tokens: int = 256
+    candidates: int = 2  # answers sampled for an adapter's own turn, two of them shown
+
+    def __post_init__(self) -> None:
+        assert self.candidates >= 2, "a pair needs two answers"
 
     def as_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p,
-                "max_tokens": self.max_tokens}
+                "max_tokens": self.max_tokens, "candidates": self.candidates}
 
 
 @dataclass
@@ -82,6 +94,10 @@ class PairProgress:
     started: float = field(default_factory=time.monotonic)
     first_token_ms: float | None = None
     total_ms: float | None = None
+    # Where two were chosen among: every answer sampled, and each one's implicit reward
+    # log π(y) − log π_base(y) in nats.
+    candidates: tuple[Side, ...] = ()
+    rewards: tuple[float, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -189,14 +205,20 @@ class PairSampler:
         ``history`` is the conversation so far, ending with the user's new message.
         Raises :class:`SamplingError` (or :class:`ContextTooLong`) with a message for people.
         """
-        seed = random.randrange(2**31 - 2) if seed is None else seed
+        seed = random.randrange(SEED_LIMIT) if seed is None else seed
         started = time.monotonic()
         tried: list[Replica] = []
+        # An adapter's own turn with candidates to choose among: scored under it and base,
+        # so on a replica that serves both (never a champion engine: it serves one policy).
+        choose = policy_a == policy_b != BASE and self.sampling.candidates > 2
         while True:
-            replica = self._route({policy_a, policy_b}, tried)
+            replica = self._route({policy_a, policy_b, BASE} if choose
+                                  else {policy_a, policy_b}, tried)
             try:
-                async with aclosing(self._stream_on(replica, history, policy_a, policy_b,
-                                                    seed, started)) as snapshots:
+                async with aclosing(
+                        self._choose_on(replica, history, policy_a, seed, started) if choose
+                        else self._stream_on(replica, history, policy_a, policy_b, seed,
+                                             started)) as snapshots:
                     async for progress in snapshots:
                         yield progress
                 return
@@ -250,6 +272,50 @@ class PairSampler:
             for task in tasks:
                 task.cancel()
 
+    async def _choose_on(self, replica: Replica, history: Messages, policy: str, seed: int,
+                         started: float) -> AsyncIterator[PairProgress]:
+        """:meth:`stream` of ``policy``'s own turn with candidates on one replica: sample
+        them all, score each under ``policy`` and base, yield the pair furthest apart."""
+        model = self.model_name(policy)
+        client, http = self._client(replica)
+        try:
+            messages, dropped = await self.prepare(history, replica, policy)  # ContextTooLong
+            reply = await client.chat.completions.create(
+                model=model, messages=messages, n=self.sampling.candidates, seed=seed,
+                temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                max_tokens=self.sampling.max_tokens, extra_body={"return_token_ids": True})
+        except (openai.APIError, httpx.HTTPError) as exc:
+            if isinstance(exc, openai.NotFoundError):
+                exc.prefloop_policies = (policy,)  # type: ignore[attr-defined]
+            raise self._failure(replica, exc, started=False) from exc
+        choices = sorted(reply.choices, key=lambda c: c.index)
+        try:
+            prompt_ids = list((reply.model_extra or {})["prompt_token_ids"])
+            answer_ids = [list((c.model_extra or {})["token_ids"]) for c in choices]
+        except (KeyError, TypeError):
+            raise SamplingError("the model server returned no token ids with its answers "
+                                "(return_token_ids): choosing among candidates needs vLLM "
+                                "0.10 or later") from None
+        url = replica.endpoint.v1 + "/completions"
+        # vLLM's prompt log-probs, as the KL probe scores them (the same numerics).
+        score = functools.partial(answer_logprobs, http, url, timeout=self.request_timeout)
+        try:
+            mine = await asyncio.gather(*(score(model, prompt_ids, ids) for ids in answer_ids))
+            theirs = await asyncio.gather(*(score(self.model_name(BASE), prompt_ids, ids)
+                                            for ids in answer_ids))
+        except KLProbeError as exc:
+            raise SamplingError(f"the answers could not be scored to choose two ({exc}); "
+                                "try again") from None
+        candidates = tuple(Side(policy, seed + c.index, text=c.message.content or "",
+                                finish_reason=c.finish_reason or "stop", tokens=len(ids))
+                           for c, ids in zip(choices, answer_ids, strict=True))
+        rewards = tuple(answer_kl(p, b) for p, b in zip(mine, theirs, strict=True))
+        i, j = furthest_apart(rewards)
+        now_ms = (time.monotonic() - started) * 1000
+        yield PairProgress(replace(candidates[i]), replace(candidates[j]), context=messages,
+                           dropped_messages=dropped, started=started, first_token_ms=now_ms,
+                           total_ms=now_ms, candidates=candidates, rewards=rewards)
+
     async def _next_update(self, updates: asyncio.Queue[object], replica: Replica,
                            progress: PairProgress) -> object:
         """The next update; a pair with no text yet leaves a replica taken out meanwhile
@@ -295,7 +361,7 @@ class PairSampler:
 
         Raises :class:`SamplingError` (or :class:`ContextTooLong`) as :meth:`stream` does.
         """
-        seed = random.randrange(2**31 - 2) if seed is None else seed
+        seed = random.randrange(SEED_LIMIT) if seed is None else seed
         tried: list[Replica] = []
         while True:
             replica = self._route({policy}, tried)
