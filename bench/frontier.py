@@ -43,7 +43,10 @@ SHOWN = {"defaults": "defaults until 2026-12-04",  # lr 5e-4, batch 4, replay 1.
          "defaults-from-base-replay-2": "a new adapter each round on every vote (replay 2)",
          "from-base-replay-2-lr-2e-3": "a new adapter each round on every vote, lr 2e-3",
          # --pairs-per-round is simulate.py's own flag, not among the flags recorded
-         "defaults-128-pairs-per-round": "the defaults, 128 pairs a round (not 64)"}
+         "defaults-128-pairs-per-round": "the defaults, 128 pairs a round (not 64)",
+         # 2026-12-05 (third session): the two of four the champion's implicit reward ranks
+         # furthest apart shown (a sampling flag, --pair-candidates 4)
+         "candidates-4": "two of four candidates shown (pair_candidates 4)"}
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, list[dict]]]:
