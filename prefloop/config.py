@@ -118,8 +118,9 @@ class Settings:
            "the two its implicit reward (log-prob under it minus under base) ranks furthest "
            "apart, so that a vote says more. 2: the two sampled, streamed as they are "
            "written. More: the pair appears whole once all are written and scored (no "
-           "streaming; about n/2 times the generation). base's turns and duels always "
-           "stream two.", lo=2, hi=16)
+           "streaming; n/2 times the generation and 2n scorings: at 4 on a CPU, 5x the time "
+           "a pair takes). base's turns and duels always stream two. Measured at 4: a young "
+           "champion learns its own quirks faster (docs/BENCHMARKS.md).", lo=2, hi=16)
     system_prompt: str = _setting("", "System prompt put before every conversation ('' for none).")
     max_message_chars: int = _setting(4000, "Most characters in one user message.",
                                       lo=1, hi=1_000_000)
